@@ -1,0 +1,154 @@
+"""Speed, measured: prints a Markdown table and writes the numbers as JSON.
+
+    python bench.py                          # kernel section on CPU: reference loop vs the CPU path
+    python bench.py --device=cuda            # + the Triton kernels, with GB/s and % of HBM bandwidth
+
+kernel: forward and forward+backward time of the selective scan at a Mamba-1 shape and a
+Mamba-2 shape (the paper-scale shapes on CUDA; smaller ones on CPU, printed in the table).
+GB/s counts the bytes a scan must move at the least, each tensor read or written once:
+forward reads u, delta, z, B, C and writes out; the backward reads them and dout again and
+writes du, ddelta, dz, dB, dC. Nothing (batch, dim, L, N)-sized is counted: no path needs it.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import triton
+
+import scan
+
+# peak memory bandwidth in GB/s, from the vendors' data sheets, by device name
+PEAK_GBPS = {"H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800,
+             "A100-SXM4-80GB": 2039, "A100-SXM4-40GB": 1555, "A100 80GB PCIe": 1935, "RTX 3090": 936,
+             "RTX 4090": 1008, "L40S": 864}
+
+# name: (batch, dim, N, L); Mamba-2's dim is heads x headdim (8 x 64) with its per-head A, dt broadcast
+SHAPES = {
+    "cuda": {"mamba1": (8, 2048, 16, 2048), "mamba2": (8, 512, 128, 2048)},
+    "cpu": {"mamba1": (1, 64, 16, 2048), "mamba2": (1, 32, 64, 2048)},
+}
+
+
+def machine(device):
+    """A line naming the machine, for the table and the JSON."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        names = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def peak_gbps(device):
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_GBPS.items() if k in name), None)
+
+
+def timeit(fn, device, reps):
+    """Median seconds of fn() over reps runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def scan_inputs(batch, dim, N, L, device, dtype, heads=None):
+    """Inputs of a Mamba block's scan: D, z, delta_bias and softplus on, B and C shared by all channels."""
+    g = torch.Generator().manual_seed(0)
+    A = -torch.rand(dim if heads is None else heads, N if heads is None else 1, generator=g) - 0.5
+    if heads is not None:  # Mamba-2: one A per head, broadcast over the head's channels and states
+        A = A.repeat_interleave(dim // heads, 0).expand(dim, N).contiguous()
+    x = dict(u=torch.randn(batch, dim, L, generator=g), delta=torch.randn(batch, dim, L, generator=g) - 3,
+             B=torch.randn(batch, 1, N, L, generator=g), C=torch.randn(batch, 1, N, L, generator=g),
+             z=torch.randn(batch, dim, L, generator=g))
+    x = {k: v.to(device, dtype) for k, v in x.items()}
+    x.update(A=A.to(device), D=torch.ones(dim, device=device), delta_bias=torch.rand(dim, generator=g).to(device))
+    return {k: v.requires_grad_() for k, v in x.items()}
+
+
+def bench_kernel(device, dtype, reps):
+    rows = []
+    paths = {"reference": scan.selective_scan_ref, "cpu path": scan.selective_scan_cpu}
+    if device == "cuda":
+        paths["triton"] = scan.selective_scan_triton
+    for name, (batch, dim, N, L) in SHAPES[device].items():
+        x = scan_inputs(batch, dim, N, L, device, dtype, heads=8 if name == "mamba2" else None)
+        size = torch.finfo(dtype).bits // 8
+        seq, bc = batch * dim * L * size, batch * N * L * size
+        bytes_fwd = 4 * seq + 2 * bc  # u, delta, z, out; B, C
+        bytes_bwd = bytes_fwd + 7 * seq + 4 * bc  # + u, delta, z, dout, du, ddelta, dz; B, C, dB, dC
+        dout = torch.randn(batch, dim, L, device=device, dtype=dtype)
+        for path, fn in paths.items():
+            r = 1 if path == "reference" else reps
+
+            def fwd():
+                with torch.no_grad():
+                    fn(**x, delta_softplus=True)
+
+            def fwd_bwd():
+                fn(**x, delta_softplus=True).backward(dout)
+
+            t_f, t_fb = timeit(fwd, device, r), timeit(fwd_bwd, device, r)
+            rows.append(dict(shape=name, batch=batch, dim=dim, N=N, L=L, dtype=str(dtype).replace("torch.", ""),
+                             path=path, fwd_ms=1e3 * t_f, fwd_bwd_ms=1e3 * t_fb,
+                             fwd_GBps=bytes_fwd / t_f / 1e9, fwd_bwd_GBps=bytes_bwd / t_fb / 1e9))
+        ref = next(r for r in rows if r["shape"] == name and r["path"] == "reference")
+        for row in rows:
+            if row["shape"] == name:
+                row["fwd_speedup"] = ref["fwd_ms"] / row["fwd_ms"]
+                row["fwd_bwd_speedup"] = ref["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+    peak = peak_gbps(device)
+    for row in rows:
+        row["fwd_pct_peak"] = None if peak is None else 100 * row["fwd_GBps"] / peak
+        row["fwd_bwd_pct_peak"] = None if peak is None else 100 * row["fwd_bwd_GBps"] / peak
+    return rows
+
+
+def markdown(rows):
+    cols = ["shape", "batch", "dim", "N", "L", "dtype", "path", "fwd_ms", "fwd_bwd_ms", "fwd_speedup",
+            "fwd_bwd_speedup", "fwd_GBps", "fwd_bwd_GBps", "fwd_pct_peak", "fwd_bwd_pct_peak"]
+    fmt = lambda v: "" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--section", default="kernel", choices=["kernel"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--reps", type=int, default=5, help="timed runs per measurement (the reference runs once)")
+    p.add_argument("--out", default="out-bench", help="folder for the JSON file")
+    args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench.py: --device=cuda but torch sees no GPU; use --device=cpu")
+    rows = bench_kernel(args.device, getattr(torch, args.dtype), args.reps)
+    info = dict(section=args.section, device=args.device, machine=machine(args.device), torch=torch.__version__,
+                triton=triton.__version__, peak_GBps=peak_gbps(args.device), rows=rows)
+    print(f"## {args.section} on {info['machine']} (torch {torch.__version__}, triton {triton.__version__})\n")
+    print(markdown(rows))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{args.section}_{args.device}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(info, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,675 @@
+"""The selective scan: the recurrence at the heart of Mamba, three ways.
+
+For every batch row b, channel d and state index n:
+
+    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t       (h_{-1} = 0)
+    y_t = sum_n C_t * h_t + D * u_t
+    out_t = y_t * silu(z_t)                                      (if z is given)
+
+delta, B and C change at every step ("selective"); A and D are per channel.
+The API is mamba_ssm's, so Mamba code ports over unchanged:
+
+    selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                   delta_softplus=False, return_last_state=False)
+        u, delta, z: (batch, dim, L)   A: (dim, N)   D, delta_bias: (dim,)
+        B, C: (batch, N, L), or (batch, G, N, L) where channel d reads group d // (dim // G)
+        -> out (batch, dim, L) [, last_state (batch, dim, N), float32]
+    selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False)
+        one step for generation: state (batch, dim, N) is updated in place, returns out (batch, dim)
+
+Mamba-2 runs on the same scan: its per-head scalar A and dt are broadcast over
+the head's channels (A.expand(dim, N), dt.expand(batch, dim, L)).
+
+The three implementations, in the order to read them:
+  1. selective_scan_ref      the sequential loop: obvious, slow, the ground truth for tests.
+  2. selective_scan_cpu      pure PyTorch for CPU tensors. A two-level chunked scan (Python
+                             loops over ~sqrt(L) steps, not L) with a hand-written backward
+                             that recomputes states block by block, so the (batch, dim, L, N)
+                             state tensor never exists at once.
+  3. selective_scan_triton   hand-written Triton kernels for CUDA tensors (or CPU tensors under
+                             TRITON_INTERPRET=1). Each program keeps the (BLOCK_D, N) state on
+                             chip and walks the sequence in chunks of BLOCK_L steps, scanning each
+                             chunk in parallel; only chunk-start states go to memory, for the backward.
+selective_scan and selective_state_update pick the path from the tensors' device.
+Inputs may be float32, bfloat16 or float16; states and sums are always float32.
+"""
+import ctypes
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+# -----------------------------------------------------------------------------
+# argument checks, shared by every path
+
+
+def _expect(t, name, shape, device):
+    """Raise a ValueError naming `name` unless t is a floating tensor of `shape` on `device`."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a tensor of shape {shape}, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: is on {t.device} but u is on {device}; put all inputs on one device")
+    if not t.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+
+
+def _check_scan_args(u, delta, A, B, C, D, z, delta_bias):
+    """Validate shapes, devices and dtypes; return (batch, dim, L, N, G)."""
+    if not isinstance(u, torch.Tensor) or u.dim() != 3 or u.shape[-1] == 0:
+        raise ValueError(f"u: expected shape (batch, dim, L) with L >= 1, got {getattr(u, 'shape', type(u))}")
+    batch, dim, L = u.shape
+    dev = u.device
+    _expect(u, "u", (batch, dim, L), dev)
+    _expect(delta, "delta", (batch, dim, L), dev)
+    if not isinstance(A, torch.Tensor) or A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A: expected shape (dim={dim}, N), got {getattr(A, 'shape', type(A))}")
+    N = A.shape[1]
+    _expect(A, "A", (dim, N), dev)
+    if not isinstance(B, torch.Tensor) or B.dim() not in (3, 4):
+        raise ValueError(f"B: expected shape (batch, N, L) or (batch, G, N, L), got {getattr(B, 'shape', type(B))}")
+    G = 1 if B.dim() == 3 else B.shape[1]
+    if G == 0 or dim % G:
+        raise ValueError(f"B: the number of groups G={G} must divide dim={dim}")
+    shape_bc = (batch, N, L) if B.dim() == 3 else (batch, G, N, L)
+    _expect(B, "B", shape_bc, dev)
+    _expect(C, "C", shape_bc, dev)
+    for name, t, shape in (("D", D, (dim,)), ("z", z, (batch, dim, L)), ("delta_bias", delta_bias, (dim,))):
+        if t is not None:
+            _expect(t, name, shape, dev)
+    for name, t in (("delta", delta), ("z", z)):
+        if t is not None and t.dtype != u.dtype:
+            raise ValueError(f"{name}: dtype {t.dtype} differs from u's {u.dtype}; cast them to one dtype")
+    if C.dtype != B.dtype:
+        raise ValueError(f"C: dtype {C.dtype} differs from B's {B.dtype}; cast them to one dtype")
+    return batch, dim, L, N, G
+
+
+def _grouped(B):
+    """(batch, N, L) -> (batch, 1, N, L); (batch, G, N, L) unchanged."""
+    return B.unsqueeze(1) if B.dim() == 3 else B
+
+
+def _compute_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# -----------------------------------------------------------------------------
+# 1. the reference: one step at a time
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False):
+    """The recurrence exactly as written in the module docstring, in float32 (float64 stays float64)."""
+    batch, dim, L, N, G = _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
+    f, dtype_in = _compute_dtype(u), u.dtype
+    u, delta, A = u.to(f), delta.to(f), A.to(f)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(f)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    # channels split into G groups, each reading its own B and C: (batch, G, dim/G, ...)
+    uu, dd, A = u.view(batch, G, dim // G, L), delta.view(batch, G, dim // G, L), A.view(G, dim // G, N)
+    B = _grouped(B).to(f).unsqueeze(2)  # (batch, G, 1, N, L)
+    C = _grouped(C).to(f).unsqueeze(2)  # (batch, G, 1, N, L)
+    h = u.new_zeros(batch, G, dim // G, N)
+    ys = []
+    for t in range(L):
+        h = torch.exp(dd[..., t, None] * A) * h + (dd[..., t] * uu[..., t])[..., None] * B[..., t]
+        ys.append((h * C[..., t]).sum(-1))  # (batch, G, dim/G)
+    y = torch.stack(ys, dim=-1).view(batch, dim, L)
+    h = h.view(batch, dim, N)
+    if D is not None:
+        y = y + D.to(f)[:, None] * u
+    if z is not None:
+        y = y * F.silu(z.to(f))
+    out = y.to(dtype_in)
+    return (out, h) if return_last_state else out
+
+
+# -----------------------------------------------------------------------------
+# 2. the CPU path: chunked scan in PyTorch with a hand-written backward
+
+
+
+def _keep_freed_memory():
+    """Stop glibc from handing freed multi-MB buffers back to the OS after every op.
+
+    By default each large tensor the CPU path allocates is fresh memory that the kernel must
+    fault in and zero: bench.py measured that as about half of the path's time. A larger mmap
+    and trim threshold keeps freed buffers in the heap for reuse (the process keeps its peak
+    memory instead of returning it). No effect off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: heap-allocate buffers up to 32 MiB (glibc's max)
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: return memory only when 1 GiB is free at the top
+    except (OSError, AttributeError):
+        pass
+
+
+_keep_freed_memory()
+LOG2E = 1.4426950408889634
+CPU_CHUNK = 16  # steps scanned one by one inside each chunk (all chunks at once)
+CPU_BLOCK_ELEMS = 1 << 20  # at most this many (batch * dim * steps * N) state elements exist at once
+
+
+def _linear_scan(dt, A, x, h0, chunk, reverse=False):
+    """h_t = exp(dt_t * A) * h_{t-1} + x_t along the step dim of x (..., T, N), from h_{-1} = h0 (..., N).
+
+    With reverse=True it runs backwards in time: h_t = exp(dt_t * A) * h_{t+1} + x_t from h_T = h0.
+    dt: (..., T); A broadcasts against (..., N). T must be a multiple of `chunk`. Writes h into x
+    and returns (h, a) with a = exp(dt * A). Two levels, so Python runs about 3 * chunk + T / chunk
+    small loops instead of T: every chunk is scanned from a zero state (all chunks at once), the
+    true state entering each chunk is carried across chunks, and its decayed contribution added.
+    Only decays exp(dt * A) <= 1 and their products are formed, never the exp of a large positive
+    number, so it is as stable as the sequential loop.
+    """
+    *lead, T, N = x.shape
+    nc = T // chunk
+    A = A * LOG2E  # exp(v) = exp2(v * log2(e)); exp2 is about 3x faster than exp on CPU
+    a = (dt.unsqueeze(-1) * A.unsqueeze(-2)).exp2_()  # (..., T, N) one step's decay
+    a_c = a.view(*lead, nc, chunk, N)
+    h = x.view(*lead, nc, chunk, N)
+    steps = range(chunk - 1, -1, -1) if reverse else range(chunk)  # in scan order
+    for i, prev in zip(list(steps)[1:], steps):  # 1. scan every chunk at once, from zero
+        h[..., i, :].addcmul_(a_c[..., i, :], h[..., prev, :])
+    # 2. the state entering each chunk; a chunk's total decay is exp(A * the sum of its dt)
+    chunk_decay = torch.exp2(dt.reshape(*lead, nc, chunk).sum(-1).unsqueeze(-1) * A.unsqueeze(-2))  # (..., nc, N)
+    carries = []
+    carry = h0
+    for c in range(nc - 1, -1, -1) if reverse else range(nc):
+        carries.append(carry)
+        carry = torch.addcmul(h[..., c, steps[-1], :], chunk_decay[..., c, :], carry)
+    q = torch.stack(carries[::-1] if reverse else carries, -2)  # (..., nc, N)
+    for i in steps:  # 3. add each entering state, decayed step by step
+        q = q * a_c[..., i, :]
+        h[..., i, :] += q
+    return x, a
+
+
+def _cpu_inputs(u, delta, A, B, C, z, delta_bias, delta_softplus, L_pad):
+    """Float32 copies in the CPU path's layout, padded with zeros to L_pad steps.
+
+    u, delta (after bias and softplus), z: (batch, G, dim/G, L_pad); B, C: (batch, G, L_pad, N);
+    A: (G, dim/G, N). A padded step has delta = 0, so it leaves the state unchanged.
+    """
+    batch, dim, L = u.shape
+    B, C = _grouped(B), _grouped(C)
+    G, N = B.shape[1], B.shape[2]
+    f = _compute_dtype(u)
+    dt = delta.to(f)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(f)[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+
+    def seq(t):  # (batch, dim, L) -> (batch, G, dim/G, L_pad)
+        return None if t is None else F.pad(t.to(f), (0, L_pad - L)).view(batch, G, dim // G, L_pad)
+
+    def bc(t):  # (batch, G, N, L) -> (batch, G, L_pad, N)
+        return F.pad(t.to(f), (0, L_pad - L)).transpose(-1, -2).contiguous()
+
+    return seq(u), seq(dt), seq(z), bc(B), bc(C), A.to(f).view(G, dim // G, N)
+
+
+def _cpu_plan(batch, dim, N, L):
+    """(L_pad, block): pad L to whole chunks; blocks of whole chunks within the memory budget."""
+    L_pad = -(-L // CPU_CHUNK) * CPU_CHUNK
+    block = max(1, CPU_BLOCK_ELEMS // (batch * dim * N * CPU_CHUNK)) * CPU_CHUNK
+    return L_pad, min(block, L_pad)
+
+
+class _CPUScan(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        batch, dim, L = u.shape
+        N = A.shape[1]
+        L_pad, block = _cpu_plan(batch, dim, N, L)
+        uu, dt, zz, Bt, Ct, Ag = _cpu_inputs(u, delta, A, B, C, z, delta_bias, delta_softplus, L_pad)
+        G = Bt.shape[1]
+        h = uu.new_zeros(batch, G, dim // G, N)  # (batch, G, dim/G, N)
+        starts = []  # the state entering each block: all the backward needs to recompute the rest
+        y = torch.empty_like(uu)  # (batch, G, dim/G, L_pad)
+        for s in range(0, L_pad, block):
+            e = min(s + block, L_pad)
+            starts.append(h)
+            x = (dt[..., s:e] * uu[..., s:e]).unsqueeze(-1) * Bt[:, :, None, s:e]  # (batch, G, dim/G, T, N)
+            hs, _ = _linear_scan(dt[..., s:e], Ag, x, h, CPU_CHUNK)
+            h = hs[..., -1, :].clone()
+            y[..., s:e] = hs.mul_(Ct[:, :, None, s:e]).sum(-1)
+        y = y.view(batch, dim, L_pad)[..., :L]
+        uf = uu.view(batch, dim, L_pad)[..., :L]
+        if D is not None:
+            y = y + D.to(y.dtype)[:, None] * uf
+        out = y if z is None else y * F.silu(zz.view(batch, dim, L_pad)[..., :L])
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.stack(starts, -2))
+        ctx.delta_softplus = delta_softplus
+        ctx.set_materialize_grads(False)
+        return out.to(u.dtype), h.view(batch, dim, N)
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        u, delta, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
+        batch, dim, L = u.shape
+        N = A.shape[1]
+        L_pad, block = _cpu_plan(batch, dim, N, L)
+        uu, dt, zz, Bt, Ct, Ag = _cpu_inputs(u, delta, A, B, C, z, delta_bias, ctx.delta_softplus, L_pad + 1)
+        G, f = Bt.shape[1], uu.dtype
+        Dg = None if D is None else D.to(f).view(G, dim // G, 1)
+        dout = torch.zeros_like(uu) if dout is None else \
+            F.pad(dout.to(f), (0, L_pad + 1 - L)).view(batch, G, dim // G, L_pad + 1)
+        dy = dout if z is None else dout * F.silu(zz)  # (batch, G, dim/G, L_pad + 1) gradient of y
+        g = uu.new_zeros(batch, G, dim // G, N) if dlast is None else dlast.to(f).view(batch, G, dim // G, N)
+        du, ddt, dz = torch.zeros_like(uu), torch.zeros_like(uu), None if z is None else torch.zeros_like(uu)
+        dA = torch.zeros_like(Ag)
+        dB, dC = torch.zeros_like(Bt), torch.zeros_like(Ct)
+        for i, s in reversed(list(enumerate(range(0, L_pad, block)))):
+            e = min(s + block, L_pad)
+            # recompute the block's states from the state entering it
+            h0 = starts[..., i, :]
+            x = (dt[..., s:e] * uu[..., s:e]).unsqueeze(-1) * Bt[:, :, None, s:e]
+            hs, ah = _linear_scan(dt[..., s:e], Ag, x, h0, CPU_CHUNK)  # h_t, a_t
+            ah[..., 1:, :] *= hs[..., :-1, :]  # a_t * h_{t-1}
+            ah[..., 0, :] *= h0
+            tmp = torch.empty_like(hs)  # one scratch buffer for every product below: fewer page faults
+
+            def dot(p, q, dims):  # sum over dims of p * q
+                return torch.mul(p, q, out=tmp).sum(dims)
+
+            if z is not None:
+                y = dot(hs, Ct[:, :, None, s:e], -1)
+                if D is not None:
+                    y = y + Dg * uu[..., s:e]
+                sz = torch.sigmoid(zz[..., s:e])
+                dz[..., s:e] = dout[..., s:e] * y * sz * (1 + zz[..., s:e] * (1 - sz))
+            dC[:, :, s:e] = dot(hs, dy[..., s:e, None], 2)
+            # adjoint state g_t = dL/dh_t, scanned backwards: g_t = C_t dy_t + a_{t+1} g_{t+1}
+            c = torch.mul(dy[..., s:e, None], Ct[:, :, None, s:e], out=hs)  # hs is not needed any more
+            gs, _ = _linear_scan(dt[..., s + 1:e + 1], Ag, c, g, CPU_CHUNK, reverse=True)
+            g = gs[..., 0, :].clone()
+            gB = dot(gs, Bt[:, :, None, s:e], -1)  # sum_n g B
+            gah = ah.mul_(gs)
+            du[..., s:e] = gB * dt[..., s:e]
+            ddt[..., s:e] = gB * uu[..., s:e] + dot(gah, Ag[:, :, None, :], -1)
+            dA += dot(gah, dt[..., s:e, None], (0, 3))
+            dB[:, :, s:e] = dot(gs, (dt[..., s:e] * uu[..., s:e]).unsqueeze(-1), 2)
+
+        def seq(t):  # (batch, G, dim/G, L_pad + 1) -> (batch, dim, L)
+            return t.reshape(batch, dim, L_pad + 1)[..., :L]
+
+        dyf, uf = seq(dy), seq(uu)
+        dD = None if D is None else (dyf * uf).sum((0, 2)).to(D.dtype)
+        du = seq(du) if D is None else seq(du) + D.to(f)[:, None] * dyf
+        ddelta = seq(ddt)
+        if ctx.delta_softplus:
+            raw = delta.to(f) if delta_bias is None else delta.to(f) + delta_bias.to(f)[:, None]
+            ddelta = ddelta * torch.sigmoid(raw)
+        dbias = None if delta_bias is None else ddelta.sum((0, 2)).to(delta_bias.dtype)
+
+        def bc(t, like):  # (batch, G, L_pad + 1, N) -> like's shape
+            return t[:, :, :L].transpose(-1, -2).reshape(like.shape).to(like.dtype)
+
+        return (du.to(u.dtype), ddelta.to(delta.dtype), dA.view(dim, N).to(A.dtype), bc(dB, B), bc(dC, C),
+                dD, None if z is None else seq(dz).to(z.dtype), dbias, None)
+
+
+def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False):
+    """The selective scan in PyTorch, fast on CPU (works on any device). Same API as selective_scan."""
+    _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
+    out, last = _CPUScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return (out, last) if return_last_state else out
+
+
+# -----------------------------------------------------------------------------
+# 3. the Triton kernels
+#
+# One program owns one batch row and BLOCK_D channels of one group, with all N states
+# of each channel: a (BLOCK_D, BLOCK_N) fp32 state that lives in registers. It walks the
+# sequence in chunks of BLOCK_L steps; each chunk is loaded as coalesced (.., BLOCK_L)
+# tiles, scanned in parallel along time with tl.associative_scan on (BLOCK_D, BLOCK_N,
+# BLOCK_L) tiles, and continued from the state the previous chunk left. The forward
+# writes the state entering each chunk (batch, dim, n_chunks, N) for the backward, which
+# walks the chunks in reverse: it recomputes the chunk's states from that saved state,
+# runs the adjoint recurrence backwards in time (a reverse associative scan) and forms
+# every gradient from the two. dB and dC sum over the channels of a group: each program
+# reduces its BLOCK_D channels on chip and adds the result with one atomic per element.
+
+@triton.jit
+def _combine(a1, x1, a2, x2):
+    """Compose two steps of h -> a * h + x (first (a1, x1), then (a2, x2))."""
+    return a1 * a2, a2 * x1 + x2
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(x)), x)  # torch's threshold of 20
+
+
+@triton.jit
+def _load_delta(delta_ptr, bias, offs, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(delta after bias and softplus, the pre-softplus value) as fp32; 0 where masked."""
+    raw = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw += bias[:, None]
+    dt = _softplus(raw) if SOFTPLUS else raw
+    return tl.where(mask, dt, 0.0), raw
+
+
+@triton.jit
+def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+                     out_ptr, last_ptr, starts_ptr,
+                     dim, L, N, G, n_chunks,
+                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SOFTPLUS: tl.constexpr, SAVE_STARTS: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BD,) channels, all in group g
+    g = (tl.program_id(1) * BLOCK_D) // (dim // G)
+    n = tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=n_ok[None, :], other=0.0).to(tl.float32)  # (BD, BN)
+    A2 = A * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+    bias = tl.load(bias_ptr + d).to(tl.float32) if HAS_BIAS else None
+    Dv = tl.load(D_ptr + d).to(tl.float32) if HAS_D else None
+    row = (b * dim + d) * L  # (BD,) where each channel's sequence starts
+    bc_row = ((b * G + g) * N + n) * L  # (BN,) where each state's B and C sequence starts
+    last_col = (tl.arange(0, BLOCK_L) == BLOCK_L - 1)[None, None, :]
+    h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)  # the state entering the chunk
+    for c in range(n_chunks):
+        if SAVE_STARTS:
+            tl.store(starts_ptr + ((b * dim + d[:, None]) * n_chunks + c) * N + n[None, :], h, mask=n_ok[None, :])
+        t = c * BLOCK_L + tl.arange(0, BLOCK_L)
+        m = (t < L)[None, :]
+        offs = row[:, None] + t[None, :]  # (BD, BL)
+        u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        dt, _ = _load_delta(delta_ptr, bias, offs, m, HAS_BIAS, SOFTPLUS)
+        bc_offs = bc_row[:, None] + t[None, :]  # (BN, BL)
+        bc_m = n_ok[:, None] & m
+        Bt = tl.load(B_ptr + bc_offs, mask=bc_m, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + bc_offs, mask=bc_m, other=0.0).to(tl.float32)
+        a = tl.exp2(dt[:, None, :] * A2[:, :, None])  # (BD, BN, BL)
+        x = (dt * u)[:, None, :] * Bt[None, :, :]  # (BD, BN, BL)
+        a_cum, hs = tl.associative_scan((a, x), 2, _combine)
+        hs += a_cum * h[:, :, None]  # the states of the chunk's steps
+        h = tl.sum(tl.where(last_col, hs, 0.0), axis=2)
+        y = tl.sum(hs * Ct[None, :, :], axis=1)  # (BD, BL)
+        if HAS_D:
+            y += Dv[:, None] * u
+        if HAS_Z:
+            zv = tl.load(z_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            y *= zv * tl.sigmoid(zv)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(last_ptr + (b * dim + d[:, None]) * N + n[None, :], h, mask=n_ok[None, :])
+
+
+@triton.jit
+def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, starts_ptr,
+                     dout_ptr, dlast_ptr,
+                     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
+                     dim, L, N, G, n_chunks,
+                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    g = (tl.program_id(1) * BLOCK_D) // (dim // G)
+    n = tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    state_offs = (b * dim + d[:, None]) * N + n[None, :]  # (BD, BN) into (batch, dim, N)
+    A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=n_ok[None, :], other=0.0).to(tl.float32)
+    A2 = A * 1.4426950408889634
+    bias = tl.load(bias_ptr + d).to(tl.float32) if HAS_BIAS else None
+    Dv = tl.load(D_ptr + d).to(tl.float32) if HAS_D else None
+    row = (b * dim + d) * L
+    bc_row = ((b * G + g) * N + n) * L
+    first_col = (tl.arange(0, BLOCK_L) == 0)[None, None, :]
+    # gd = dL/dh of the state leaving the chunk (the first state of the next one)
+    if HAS_DLAST:
+        gd = tl.load(dlast_ptr + state_offs, mask=n_ok[None, :], other=0.0).to(tl.float32)
+    else:
+        gd = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dA = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dD = tl.zeros((BLOCK_D,), tl.float32)
+    dbias = tl.zeros((BLOCK_D,), tl.float32)
+    for i in range(n_chunks):
+        c = n_chunks - 1 - i
+        t = c * BLOCK_L + tl.arange(0, BLOCK_L)
+        m = (t < L)[None, :]
+        offs = row[:, None] + t[None, :]
+        u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        dt, raw = _load_delta(delta_ptr, bias, offs, m, HAS_BIAS, SOFTPLUS)
+        dt_next, _ = _load_delta(delta_ptr, bias, offs + 1, (t + 1 < L)[None, :], HAS_BIAS, SOFTPLUS)
+        bc_offs = bc_row[:, None] + t[None, :]
+        bc_m = n_ok[:, None] & m
+        Bt = tl.load(B_ptr + bc_offs, mask=bc_m, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + bc_offs, mask=bc_m, other=0.0).to(tl.float32)
+        dy = tl.load(dout_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        # recompute this chunk's states from the one saved by the forward
+        h0 = tl.load(starts_ptr + ((b * dim + d[:, None]) * n_chunks + c) * N + n[None, :], mask=n_ok[None, :], other=0.0)
+        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
+        x = (dt * u)[:, None, :] * Bt[None, :, :]
+        a_cum, hs = tl.associative_scan((a, x), 2, _combine)
+        hs += a_cum * h0[:, :, None]
+        ah = hs - x  # a_t * h_{t-1}
+        if HAS_Z:
+            zv = tl.load(z_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            y = tl.sum(hs * Ct[None, :, :], axis=1)
+            if HAS_D:
+                y += Dv[:, None] * u
+            sz = tl.sigmoid(zv)
+            tl.store(dz_ptr + offs, (dy * y * sz * (1 + zv * (1 - sz))).to(dz_ptr.dtype.element_ty), mask=m)
+            dy *= zv * sz
+        # the adjoint g_t = dL/dh_t runs backwards: g_t = C_t dy_t + a_{t+1} g_{t+1}
+        a_next = tl.exp2(dt_next[:, None, :] * A2[:, :, None])
+        a_cum, gs = tl.associative_scan((a_next, Ct[None, :, :] * dy[:, None, :]), 2, _combine, reverse=True)
+        gs += a_cum * gd[:, :, None]
+        gd = tl.sum(tl.where(first_col, gs, 0.0), axis=2)
+        gB = tl.sum(gs * Bt[None, :, :], axis=1)  # (BD, BL)
+        gah = gs * ah
+        ddt = gB * u + tl.sum(gah * A[:, :, None], axis=1)
+        du = gB * dt
+        if HAS_D:
+            du += Dv[:, None] * dy
+            dD += tl.sum(dy * u, axis=1)
+        dA += tl.sum(gah * dt[:, None, :], axis=2)
+        if SOFTPLUS:
+            ddt *= tl.sigmoid(raw)
+        ddt = tl.where(m, ddt, 0.0)
+        dbias += tl.sum(ddt, axis=1)
+        tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=m)
+        tl.store(ddelta_ptr + offs, ddt.to(ddelta_ptr.dtype.element_ty), mask=m)
+        tl.atomic_add(dB_ptr + bc_offs, tl.sum(gs * (dt * u)[:, None, :], axis=0), mask=bc_m)
+        tl.atomic_add(dC_ptr + bc_offs, tl.sum(hs * dy[:, None, :], axis=0), mask=bc_m)
+    tl.atomic_add(dA_ptr + d[:, None] * N + n[None, :], dA, mask=n_ok[None, :])
+    if HAS_D:
+        tl.atomic_add(dD_ptr + d, dD)
+    if HAS_BIAS:
+        tl.atomic_add(dbias_ptr + d, dbias)
+
+
+def _triton_tiles(dim, G, N, L):
+    """BLOCK_D (a power of two dividing dim / G), BLOCK_N, BLOCK_L: a tile of about 4096 elements."""
+    BLOCK_N = triton.next_power_of_2(N)
+    BLOCK_D = math.gcd(dim // G, max(1, 64 // BLOCK_N), 4)
+    BLOCK_L = min(max(16, 4096 // (BLOCK_N * BLOCK_D)), 256, max(16, triton.next_power_of_2(L)))
+    return BLOCK_D, BLOCK_N, BLOCK_L
+
+
+class _TritonScan(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        batch, dim, L = u.shape
+        bc_shape = B.shape
+        B, C = _grouped(B), _grouped(C)
+        G, N = B.shape[1], A.shape[1]
+        u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
+        z = None if z is None else z.contiguous()
+        BLOCK_D, BLOCK_N, BLOCK_L = _triton_tiles(dim, G, N, L)
+        n_chunks = triton.cdiv(L, BLOCK_L)
+        out = torch.empty_like(u)
+        last = u.new_empty(batch, dim, N, dtype=torch.float32)
+        save = any(ctx.needs_input_grad)  # grad mode is off inside forward; this says if backward will run
+        starts = u.new_empty(batch, dim, n_chunks, N, dtype=torch.float32) if save else last
+        _scan_fwd_kernel[(batch, dim // BLOCK_D)](
+            u, delta, A, B, C, u if D is None else D, u if z is None else z, u if delta_bias is None else delta_bias,
+            out, last, starts, dim, L, N, G, n_chunks,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=delta_softplus, SAVE_STARTS=save, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, starts)
+        ctx.delta_softplus, ctx.tiles, ctx.bc_shape = delta_softplus, (BLOCK_D, BLOCK_N, BLOCK_L), bc_shape
+        ctx.set_materialize_grads(False)
+        return out, last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        u, delta, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
+        batch, dim, L = u.shape
+        G, N = B.shape[1], A.shape[1]
+        BLOCK_D, BLOCK_N, BLOCK_L = ctx.tiles
+        dout = torch.zeros_like(u) if dout is None else dout.contiguous()
+        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+        dz = None if z is None else torch.empty_like(z)
+        dA = torch.zeros(dim, N, device=u.device, dtype=torch.float32)
+        dB = torch.zeros(B.shape, device=u.device, dtype=torch.float32)
+        dC = torch.zeros(C.shape, device=u.device, dtype=torch.float32)
+        dD = None if D is None else torch.zeros(dim, device=u.device, dtype=torch.float32)
+        dbias = None if delta_bias is None else torch.zeros(dim, device=u.device, dtype=torch.float32)
+        _scan_bwd_kernel[(batch, dim // BLOCK_D)](
+            u, delta, A, B, C, u if D is None else D, u if z is None else z, u if delta_bias is None else delta_bias,
+            starts, dout, dout if dlast is None else dlast.contiguous(),
+            du, ddelta, dA, dB, dC, dA if dD is None else dD, du if dz is None else dz, dA if dbias is None else dbias,
+            dim, L, N, G, starts.shape[2],
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=ctx.delta_softplus, HAS_DLAST=dlast is not None,
+            BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L)
+        dB, dC = dB.view(ctx.bc_shape).to(B.dtype), dC.view(ctx.bc_shape).to(C.dtype)
+        return (du, ddelta, dA.to(A.dtype), dB, dC,
+                None if D is None else dD.to(D.dtype), dz, None if dbias is None else dbias.to(delta_bias.dtype), None)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False):
+    """The selective scan with the Triton kernels (CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
+    _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
+    if A.shape[1] > 512:
+        raise ValueError(f"A: N={A.shape[1]} states per channel; the Triton kernels support N <= 512")
+    out, last = _TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return (out, last) if return_last_state else out
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False):
+    """The selective scan (see the module docstring): Triton kernels on CUDA, the PyTorch path elsewhere."""
+    scan = selective_scan_triton if u.is_cuda else selective_scan_cpu
+    return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+# -----------------------------------------------------------------------------
+# one step of the recurrence, for generation
+
+
+def _check_step_args(state, x, dt, A, B, C, D, z, dt_bias):
+    """Validate a single-step call; return (batch, dim, N, G)."""
+    if not isinstance(state, torch.Tensor) or state.dim() != 3:
+        raise ValueError(f"state: expected shape (batch, dim, N), got {getattr(state, 'shape', type(state))}")
+    batch, dim, N = state.shape
+    dev = state.device
+    _expect(x, "x", (batch, dim), dev)
+    _expect(dt, "dt", (batch, dim), dev)
+    _expect(A, "A", (dim, N), dev)
+    if not isinstance(B, torch.Tensor) or B.dim() not in (2, 3):
+        raise ValueError(f"B: expected shape (batch, N) or (batch, G, N), got {getattr(B, 'shape', type(B))}")
+    G = 1 if B.dim() == 2 else B.shape[1]
+    if G == 0 or dim % G:
+        raise ValueError(f"B: the number of groups G={G} must divide dim={dim}")
+    shape_bc = (batch, N) if B.dim() == 2 else (batch, G, N)
+    _expect(B, "B", shape_bc, dev)
+    _expect(C, "C", shape_bc, dev)
+    for name, t, shape in (("D", D, (dim,)), ("z", z, (batch, dim)), ("dt_bias", dt_bias, (dim,))):
+        if t is not None:
+            _expect(t, name, shape, dev)
+    if state.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"state: expected float32 (the scan's state precision), got {state.dtype}")
+    return batch, dim, N, G
+
+
+def selective_state_update_cpu(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One step in PyTorch: state (batch, dim, N) is updated in place; returns out (batch, dim)."""
+    batch, dim, N, G = _check_step_args(state, x, dt, A, B, C, D, z, dt_bias)
+    f = state.dtype
+    dt = dt.to(f) if dt_bias is None else dt.to(f) + dt_bias.to(f)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    h = state.view(batch, G, dim // G, N)
+    B = B.to(f).view(batch, G, 1, N)
+    C = C.to(f).view(batch, G, 1, N)
+    h.mul_(torch.exp(dt.view(batch, G, dim // G, 1) * A.to(f).view(G, dim // G, N)))
+    h.add_((dt * x.to(f)).view(batch, G, dim // G, 1) * B)
+    y = (h * C).sum(-1).view(batch, dim)  # (batch, dim)
+    if D is not None:
+        y = y + D.to(f) * x.to(f)
+    if z is not None:
+        y = y * F.silu(z.to(f))
+    return y.to(x.dtype)
+
+
+@triton.jit
+def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr,
+                         dim, N, G,
+                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BD,)
+    g = (tl.program_id(1) * BLOCK_D) // (dim // G)
+    n = tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    s_offs = (b * dim + d[:, None]) * N + n[None, :]  # (BD, BN)
+    h = tl.load(state_ptr + s_offs, mask=n_ok[None, :], other=0.0)
+    x = tl.load(x_ptr + b * dim + d).to(tl.float32)
+    dt = tl.load(dt_ptr + b * dim + d).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + d).to(tl.float32)
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=n_ok[None, :], other=0.0).to(tl.float32)
+    Bv = tl.load(B_ptr + (b * G + g) * N + n, mask=n_ok, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + (b * G + g) * N + n, mask=n_ok, other=0.0).to(tl.float32)
+    h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bv[None, :]
+    tl.store(state_ptr + s_offs, h, mask=n_ok[None, :])
+    y = tl.sum(h * Cv[None, :], axis=1)
+    if HAS_D:
+        y += tl.load(D_ptr + d).to(tl.float32) * x
+    if HAS_Z:
+        zv = tl.load(z_ptr + b * dim + d).to(tl.float32)
+        y *= zv * tl.sigmoid(zv)
+    tl.store(out_ptr + b * dim + d, y.to(out_ptr.dtype.element_ty))
+
+
+def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One step with a Triton kernel: state (batch, dim, N) fp32, updated in place; returns out (batch, dim)."""
+    batch, dim, N, G = _check_step_args(state, x, dt, A, B, C, D, z, dt_bias)
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError("state: the Triton step needs a contiguous float32 state")
+    x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
+    BLOCK_N = triton.next_power_of_2(N)
+    BLOCK_D = math.gcd(dim // G, max(1, 2048 // BLOCK_N), 32)
+    out = torch.empty_like(x)
+    _state_update_kernel[(batch, dim // BLOCK_D)](
+        state, x, dt, A, B, C, x if D is None else D, x if z is None else z.contiguous(),
+        x if dt_bias is None else dt_bias, out, dim, N, G,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+        BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N)
+    return out
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One recurrent step (see the module docstring): Triton on CUDA, PyTorch elsewhere."""
+    step = selective_state_update_triton if state.is_cuda else selective_state_update_cpu
+    return step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)

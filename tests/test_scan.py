@@ -1,0 +1,226 @@
+"""scan.py: every path against the reference loop, in outputs, last state and every gradient.
+
+The Triton kernels run on CUDA when there is a GPU, else in Triton's interpreter (conftest.py),
+which is slow: their cases are small. The CPU path is checked on a wider grid.
+"""
+import itertools
+
+import pytest
+import torch
+
+import scan
+
+GPU = torch.cuda.is_available()
+TRITON_DEV = "cuda" if GPU else "cpu"
+FLAGS = [  # (D, z, delta_bias, delta_softplus)
+    (False, False, False, False),
+    (True, True, True, True),
+    (True, False, True, False),
+    (False, True, False, True),
+]
+
+
+def make_inputs(batch, dim, L, N, G, dtype, flags, device="cpu", seed=0):
+    """Random inputs in the ranges Mamba uses. G=None means B, C of shape (batch, N, L)."""
+    has_D, has_z, has_bias, _ = flags
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0, uniform=False, dt=dtype):
+        t = torch.rand(*shape, generator=gen) if uniform else torch.randn(*shape, generator=gen)
+        return (scale * t).to(device=device, dtype=dt)
+
+    bc_shape = (batch, N, L) if G is None else (batch, G, N, L)
+    return dict(
+        u=rnd(batch, dim, L), delta=rnd(batch, dim, L, scale=0.5, uniform=True),
+        A=rnd(dim, N, scale=-0.5, uniform=True, dt=torch.float32),
+        B=rnd(*bc_shape), C=rnd(*bc_shape),
+        D=rnd(dim, dt=torch.float32) if has_D else None,
+        z=rnd(batch, dim, L) if has_z else None,
+        delta_bias=rnd(dim, scale=0.5, uniform=True, dt=torch.float32) if has_bias else None)
+
+
+def run(fn, inputs, softplus, seed=1):
+    """Forward + backward of a loss that uses both out and last_state; returns out, last, grads."""
+    leaves = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    out, last = fn(**leaves, delta_softplus=softplus, return_last_state=True)
+    gen = torch.Generator().manual_seed(seed)
+    w_out = torch.randn(out.shape, generator=gen).to(out.device)
+    w_last = torch.randn(last.shape, generator=gen).to(out.device)
+    ((out.float() * w_out).sum() + (last * w_last).sum()).backward()
+    return out, last, {k: v.grad for k, v in leaves.items() if v is not None}
+
+
+def assert_matches(fn, inputs, softplus, dtype):
+    rtol, atol = (6e-4, 2e-3) if dtype == torch.float32 else (3e-2, 5e-2)  # as mamba_ssm's tests
+    out, last, grads = run(fn, inputs, softplus)
+    out_r, last_r, grads_r = run(scan.selective_scan_ref, inputs, softplus)
+    assert out.dtype == out_r.dtype == inputs["u"].dtype
+    torch.testing.assert_close(out, out_r, rtol=rtol, atol=atol)
+    torch.testing.assert_close(last, last_r, rtol=rtol, atol=atol)
+    assert grads.keys() == grads_r.keys()
+    for k in grads:
+        assert grads[k].dtype == inputs[k].dtype, k
+        torch.testing.assert_close(grads[k], grads_r[k], rtol=2 * rtol, atol=2 * atol, msg=lambda m: f"d{k}: {m}")
+
+
+# The CPU path: every L x N x dtype, each with one of the flag sets and B/C layouts in turn.
+CPU_GRID = [(L, N, dtype, FLAGS[i % 4], [None, 2][i // 4 % 2])
+            for i, (L, N, dtype) in enumerate(itertools.product(
+                [1, 7, 64, 129, 1100], [1, 16, 128], [torch.float32, torch.bfloat16]))]
+CPU_GRID += [(64, 16, torch.float32, flags, G) for flags in FLAGS for G in (None, 1, 2, 4)]
+
+
+@pytest.mark.parametrize("L,N,dtype,flags,G", CPU_GRID)
+def test_cpu_path_matches_reference(L, N, dtype, flags, G, monkeypatch):
+    batch, dim = 2, 4
+    # blocks of 32 steps, so long sequences cross many block boundaries
+    monkeypatch.setattr(scan, "CPU_BLOCK_ELEMS", batch * dim * N * 32)
+    assert_matches(scan.selective_scan_cpu, make_inputs(batch, dim, L, N, G, dtype, flags), flags[3], dtype)
+
+
+def test_cpu_path_block_size_does_not_change_results(monkeypatch):
+    inputs = make_inputs(2, 4, 300, 16, 2, torch.float32, FLAGS[1])
+    big = run(scan.selective_scan_cpu, inputs, True)
+    monkeypatch.setattr(scan, "CPU_BLOCK_ELEMS", 2 * 4 * 16 * 16)
+    small = run(scan.selective_scan_cpu, inputs, True)
+    torch.testing.assert_close(big, small, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_path_gradcheck_float64():
+    inputs = make_inputs(2, 4, 21, 3, 2, torch.float64, FLAGS[1])
+    inputs = {k: v.double().requires_grad_() for k, v in inputs.items()}
+    keys = list(inputs)
+
+    def f(*args):
+        out, last = scan.selective_scan_cpu(**dict(zip(keys, args)), delta_softplus=True, return_last_state=True)
+        return out, last
+
+    assert torch.autograd.gradcheck(f, tuple(inputs.values()), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+# The Triton kernels: each value of the grid appears at least once, on shapes the interpreter can afford.
+TRITON_GRID = [  # batch, dim, L, N, G, dtype, flags
+    (2, 4, 1, 16, None, torch.float32, FLAGS[1]),
+    (1, 4, 7, 16, 2, torch.float32, FLAGS[0]),
+    (1, 2, 64, 16, None, torch.float32, FLAGS[2]),
+    (1, 2, 129, 16, 2, torch.float32, FLAGS[3]),
+    (1, 2, 129, 16, 2, torch.float32, FLAGS[1]),
+    (1, 1, 1100, 1, None, torch.float32, FLAGS[1]),
+    (1, 2, 300, 1, 2, torch.float32, FLAGS[2]),
+    (1, 1, 7, 128, None, torch.float32, FLAGS[1]),
+    (1, 2, 20, 128, 2, torch.float32, FLAGS[3]),
+    (2, 2, 37, 16, 2, torch.bfloat16, FLAGS[1]),
+    (1, 2, 64, 1, None, torch.bfloat16, FLAGS[0]),
+    (1, 1, 7, 128, None, torch.bfloat16, FLAGS[2]),
+    (1, 6, 33, 4, 3, torch.float32, FLAGS[1]),  # groups of 2 channels, odd N
+]
+
+
+@pytest.mark.parametrize("batch,dim,L,N,G,dtype,flags", TRITON_GRID)
+def test_triton_matches_reference(batch, dim, L, N, G, dtype, flags):
+    inputs = make_inputs(batch, dim, L, N, G, dtype, flags, device=TRITON_DEV)
+    assert_matches(scan.selective_scan_triton, inputs, flags[3], dtype)
+
+
+@pytest.mark.parametrize("path", ["cpu", "triton"])
+def test_very_long_sequence_forward(path):
+    """L = 10k+: the forward and the last state stay exact over many chunks."""
+    device = TRITON_DEV if path == "triton" else "cpu"
+    fn = scan.selective_scan_triton if path == "triton" else scan.selective_scan_cpu
+    inputs = make_inputs(1, 1, 10_007, 2, None, torch.float32, FLAGS[1], device=device)
+    with torch.no_grad():
+        out, last = fn(**inputs, delta_softplus=True, return_last_state=True)
+        out_r, last_r = scan.selective_scan_ref(**inputs, delta_softplus=True, return_last_state=True)
+    torch.testing.assert_close(out, out_r, rtol=6e-4, atol=2e-3)
+    torch.testing.assert_close(last, last_r, rtol=6e-4, atol=2e-3)
+
+
+@pytest.mark.parametrize("path", ["cpu", "triton"])
+def test_mamba2_heads_broadcast(path):
+    """Mamba-2: per-head scalar A and dt broadcast over the head's channels (8 heads x 16, N=64, G=1)."""
+    heads, headdim, N, L, batch = 8, 16, 64, 12 if path == "triton" else 100, 1
+    dim = heads * headdim
+    device = TRITON_DEV if path == "triton" else "cpu"
+    fn = scan.selective_scan_triton if path == "triton" else scan.selective_scan_cpu
+    gen = torch.Generator().manual_seed(0)
+    leaf = dict(A_head=-torch.rand(heads, generator=gen) * 4 - 1, dt_head=torch.randn(batch, heads, L, generator=gen),
+                dt_bias=torch.rand(heads, generator=gen), x=torch.randn(batch, dim, L, generator=gen),
+                B=torch.randn(batch, 1, N, L, generator=gen), C=torch.randn(batch, 1, N, L, generator=gen),
+                D=torch.randn(heads, generator=gen))
+
+    def go(f):
+        p = {k: v.to(device).requires_grad_() for k, v in leaf.items()}
+        per_channel = lambda t: t.repeat_interleave(headdim, dim=-2 if t.dim() == 3 else 0)
+        out, last = f(p["x"], per_channel(p["dt_head"]), per_channel(p["A_head"])[:, None].expand(dim, N),
+                      p["B"], p["C"], D=per_channel(p["D"]), delta_bias=per_channel(p["dt_bias"]),
+                      delta_softplus=True, return_last_state=True)
+        (out.square().mean() + last.square().mean()).backward()
+        return out, last, {k: v.grad for k, v in p.items()}
+
+    out, last, grads = go(fn)
+    out_r, last_r, grads_r = go(scan.selective_scan_ref)
+    torch.testing.assert_close(out, out_r, rtol=6e-4, atol=2e-3)
+    torch.testing.assert_close(last, last_r, rtol=6e-4, atol=2e-3)
+    for k in grads:
+        torch.testing.assert_close(grads[k], grads_r[k], rtol=1e-3, atol=2e-3, msg=lambda m: f"d{k}: {m}")
+
+
+@pytest.mark.parametrize("path", ["cpu", "triton"])
+@pytest.mark.parametrize("G,flags", [(None, FLAGS[1]), (2, FLAGS[0]), (4, FLAGS[2])])
+def test_state_update_steps_equal_scan(path, G, flags):
+    batch, dim, L, N = 2, 8, 9, 16
+    device = TRITON_DEV if path == "triton" else "cpu"
+    step = scan.selective_state_update_triton if path == "triton" else scan.selective_state_update_cpu
+    p = make_inputs(batch, dim, L, N, G, torch.float32, flags, device=device)
+    out_r, last_r = scan.selective_scan_ref(**p, delta_softplus=flags[3], return_last_state=True)
+    state = torch.zeros(batch, dim, N, device=device)
+    outs = []
+    for t in range(L):
+        outs.append(step(state, p["u"][..., t], p["delta"][..., t], p["A"], p["B"][..., t], p["C"][..., t],
+                         D=p["D"], z=None if p["z"] is None else p["z"][..., t], dt_bias=p["delta_bias"],
+                         dt_softplus=flags[3]))
+    torch.testing.assert_close(torch.stack(outs, -1), out_r, rtol=6e-4, atol=2e-3)
+    torch.testing.assert_close(state, last_r, rtol=6e-4, atol=2e-3)
+
+
+def test_dispatch_by_device():
+    """CPU tensors take the PyTorch path (bitwise the same); CUDA tensors, where there are any, Triton."""
+    p = make_inputs(1, 2, 5, 3, None, torch.float32, FLAGS[1])
+    assert torch.equal(scan.selective_scan(**p, delta_softplus=True), scan.selective_scan_cpu(**p, delta_softplus=True))
+    if GPU:
+        p = make_inputs(1, 2, 5, 3, None, torch.float32, FLAGS[1], device="cuda")
+        assert torch.equal(scan.selective_scan(**p), scan.selective_scan_triton(**p))
+
+
+BAD = [  # (change to the inputs, the argument the error must name)
+    (lambda p: p.update(u=p["u"][0]), "u"),
+    (lambda p: p.update(delta=p["delta"][:, :, :-1]), "delta"),
+    (lambda p: p.update(A=p["A"][:-1]), "A"),
+    (lambda p: p.update(B=torch.randn(2, 3, 4, 16), C=torch.randn(2, 3, 4, 16)), "B"),  # G=3 does not divide dim=8
+    (lambda p: p.update(C=p["C"][..., :-1]), "C"),
+    (lambda p: p.update(D=torch.ones(3)), "D"),
+    (lambda p: p.update(z=torch.ones(2, 8, 4)), "z"),
+    (lambda p: p.update(delta_bias=torch.ones(8, 1)), "delta_bias"),
+    (lambda p: p.update(delta=p["delta"].double()), "delta"),
+    (lambda p: p.update(C=p["C"].half()), "C"),
+    (lambda p: p.update(B=p["B"].to("meta")), "B"),
+]
+
+
+@pytest.mark.parametrize("fn", [scan.selective_scan_ref, scan.selective_scan_cpu, scan.selective_scan_triton])
+@pytest.mark.parametrize("change,name", BAD)
+def test_bad_input_names_the_argument(fn, change, name):
+    p = make_inputs(2, 8, 16, 4, 2, torch.float32, FLAGS[1])
+    change(p)
+    with pytest.raises(ValueError, match=rf"^{name}: "):
+        fn(**p)
+
+
+def test_bad_step_input_names_the_argument():
+    p = make_inputs(2, 8, 1, 4, 2, torch.float32, FLAGS[0])
+    state = torch.zeros(2, 8, 4)
+    with pytest.raises(ValueError, match=r"^B: the number of groups G=3"):
+        scan.selective_state_update_cpu(state, p["u"][..., 0], p["delta"][..., 0], p["A"], torch.ones(2, 3, 4),
+                                        torch.ones(2, 3, 4))
+    with pytest.raises(ValueError, match=r"^x: expected shape \(2, 8\)"):
+        scan.selective_state_update(state, p["u"], p["delta"][..., 0], p["A"], p["B"][..., 0], p["C"][..., 0])
