@@ -186,8 +186,7 @@ def _linear_scan(dt, A, x, h0, chunk, reverse=False):
         carry = torch.addcmul(h[..., c, steps[-1], :], chunk_decay[..., c, :], carry)
     q = torch.stack(carries[::-1] if reverse else carries, -2)  # (..., nc, N)
     for i in steps:  # 3. add each entering state, decayed step by step
-        q = q * a_c[..., i, :]
-        h[..., i, :] += q
+        h[..., i, :] += q.mul_(a_c[..., i, :])
     return x, a
 
 
