@@ -57,6 +57,21 @@ def _expect(t, name, shape, device):
         raise ValueError(f"{name}: expected a floating-point tensor, got {t.dtype}")
 
 
+def _check_bc(B, C, batch, dim, N, steps, dev):
+    """B and C: (batch, N, *steps) or (batch, G, N, *steps) with G dividing dim; return G."""
+    names = ", L" * len(steps)
+    if not isinstance(B, torch.Tensor) or B.dim() not in (2 + len(steps), 3 + len(steps)):
+        raise ValueError(f"B: expected shape (batch, N{names}) or (batch, G, N{names}), "
+                         f"got {getattr(B, 'shape', type(B))}")
+    G = 1 if B.dim() == 2 + len(steps) else B.shape[1]
+    if G == 0 or dim % G:
+        raise ValueError(f"B: the number of groups G={G} must divide dim={dim}")
+    shape = (batch, N, *steps) if B.dim() == 2 + len(steps) else (batch, G, N, *steps)
+    _expect(B, "B", shape, dev)
+    _expect(C, "C", shape, dev)
+    return G
+
+
 def _check_scan_args(u, delta, A, B, C, D, z, delta_bias):
     """Validate shapes, devices and dtypes; return (batch, dim, L, N, G)."""
     if not isinstance(u, torch.Tensor) or u.dim() != 3 or u.shape[-1] == 0:
@@ -69,14 +84,7 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias):
         raise ValueError(f"A: expected shape (dim={dim}, N), got {getattr(A, 'shape', type(A))}")
     N = A.shape[1]
     _expect(A, "A", (dim, N), dev)
-    if not isinstance(B, torch.Tensor) or B.dim() not in (3, 4):
-        raise ValueError(f"B: expected shape (batch, N, L) or (batch, G, N, L), got {getattr(B, 'shape', type(B))}")
-    G = 1 if B.dim() == 3 else B.shape[1]
-    if G == 0 or dim % G:
-        raise ValueError(f"B: the number of groups G={G} must divide dim={dim}")
-    shape_bc = (batch, N, L) if B.dim() == 3 else (batch, G, N, L)
-    _expect(B, "B", shape_bc, dev)
-    _expect(C, "C", shape_bc, dev)
+    G = _check_bc(B, C, batch, dim, N, (L,), dev)
     for name, t, shape in (("D", D, (dim,)), ("z", z, (batch, dim, L)), ("delta_bias", delta_bias, (dim,))):
         if t is not None:
             _expect(t, name, shape, dev)
@@ -112,7 +120,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     if delta_softplus:
         delta = F.softplus(delta)
     # channels split into G groups, each reading its own B and C: (batch, G, dim/G, ...)
-    uu, dd, A = u.view(batch, G, dim // G, L), delta.view(batch, G, dim // G, L), A.view(G, dim // G, N)
+    uu, dd, A = u.reshape(batch, G, dim // G, L), delta.reshape(batch, G, dim // G, L), A.reshape(G, dim // G, N)
     B = _grouped(B).to(f).unsqueeze(2)  # (batch, G, 1, N, L)
     C = _grouped(C).to(f).unsqueeze(2)  # (batch, G, 1, N, L)
     h = u.new_zeros(batch, G, dim // G, N)
@@ -212,7 +220,7 @@ def _cpu_inputs(u, delta, A, B, C, z, delta_bias, delta_softplus, L_pad):
     def bc(t):  # (batch, G, N, L) -> (batch, G, L_pad, N)
         return F.pad(t.to(f), (0, L_pad - L)).transpose(-1, -2).contiguous()
 
-    return seq(u), seq(dt), seq(z), bc(B), bc(C), A.to(f).view(G, dim // G, N)
+    return seq(u), seq(dt), seq(z), bc(B), bc(C), A.to(f).reshape(G, dim // G, N)
 
 
 def _cpu_plan(batch, dim, N, L):
@@ -263,7 +271,7 @@ class _CPUScan(torch.autograd.Function):
         dout = torch.zeros_like(uu) if dout is None else \
             F.pad(dout.to(f), (0, L_pad + 1 - L)).view(batch, G, dim // G, L_pad + 1)
         dy = dout if z is None else dout * F.silu(zz)  # (batch, G, dim/G, L_pad + 1) gradient of y
-        g = uu.new_zeros(batch, G, dim // G, N) if dlast is None else dlast.to(f).view(batch, G, dim // G, N)
+        g = uu.new_zeros(batch, G, dim // G, N) if dlast is None else dlast.to(f).reshape(batch, G, dim // G, N)
         du, ddt, dz = torch.zeros_like(uu), torch.zeros_like(uu), None if z is None else torch.zeros_like(uu)
         dA = torch.zeros_like(Ag)
         dB, dC = torch.zeros_like(Bt), torch.zeros_like(Ct)
@@ -583,19 +591,12 @@ def _check_step_args(state, x, dt, A, B, C, D, z, dt_bias):
     _expect(x, "x", (batch, dim), dev)
     _expect(dt, "dt", (batch, dim), dev)
     _expect(A, "A", (dim, N), dev)
-    if not isinstance(B, torch.Tensor) or B.dim() not in (2, 3):
-        raise ValueError(f"B: expected shape (batch, N) or (batch, G, N), got {getattr(B, 'shape', type(B))}")
-    G = 1 if B.dim() == 2 else B.shape[1]
-    if G == 0 or dim % G:
-        raise ValueError(f"B: the number of groups G={G} must divide dim={dim}")
-    shape_bc = (batch, N) if B.dim() == 2 else (batch, G, N)
-    _expect(B, "B", shape_bc, dev)
-    _expect(C, "C", shape_bc, dev)
+    G = _check_bc(B, C, batch, dim, N, (), dev)
     for name, t, shape in (("D", D, (dim,)), ("z", z, (batch, dim)), ("dt_bias", dt_bias, (dim,))):
         if t is not None:
             _expect(t, name, shape, dev)
-    if state.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"state: expected float32 (the scan's state precision), got {state.dtype}")
+    if state.dtype not in (torch.float32, torch.float64) or not state.is_contiguous():
+        raise ValueError(f"state: expected a contiguous float32 tensor (it is updated in place), got {state.dtype}")
     return batch, dim, N, G
 
 
@@ -607,10 +608,10 @@ def selective_state_update_cpu(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
     if dt_softplus:
         dt = F.softplus(dt)
     h = state.view(batch, G, dim // G, N)
-    B = B.to(f).view(batch, G, 1, N)
-    C = C.to(f).view(batch, G, 1, N)
-    h.mul_(torch.exp(dt.view(batch, G, dim // G, 1) * A.to(f).view(G, dim // G, N)))
-    h.add_((dt * x.to(f)).view(batch, G, dim // G, 1) * B)
+    B = B.to(f).reshape(batch, G, 1, N)
+    C = C.to(f).reshape(batch, G, 1, N)
+    h.mul_(torch.exp(dt.reshape(batch, G, dim // G, 1) * A.to(f).reshape(G, dim // G, N)))
+    h.add_((dt * x.to(f)).reshape(batch, G, dim // G, 1) * B)
     y = (h * C).sum(-1).view(batch, dim)  # (batch, dim)
     if D is not None:
         y = y + D.to(f) * x.to(f)
@@ -654,8 +655,8 @@ def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z
 def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """One step with a Triton kernel: state (batch, dim, N) fp32, updated in place; returns out (batch, dim)."""
     batch, dim, N, G = _check_step_args(state, x, dt, A, B, C, D, z, dt_bias)
-    if state.dtype != torch.float32 or not state.is_contiguous():
-        raise ValueError("state: the Triton step needs a contiguous float32 state")
+    if state.dtype != torch.float32:
+        raise ValueError(f"state: the Triton step needs a float32 state, got {state.dtype}")
     x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
     BLOCK_N = triton.next_power_of_2(N)
     BLOCK_D = math.gcd(dim // G, max(1, 2048 // BLOCK_N), 32)
