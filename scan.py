@@ -242,10 +242,11 @@ class _CPUScan(torch.autograd.Function):
         h = uu.new_zeros(batch, G, dim // G, N)  # (batch, G, dim/G, N)
         starts = []  # the state entering each block: all the backward needs to recompute the rest
         y = torch.empty_like(uu)  # (batch, G, dim/G, L_pad)
+        dtu = dt * uu  # (batch, G, dim/G, L_pad)
         for s in range(0, L_pad, block):
             e = min(s + block, L_pad)
             starts.append(h)
-            x = (dt[..., s:e] * uu[..., s:e]).unsqueeze(-1) * Bt[:, :, None, s:e]  # (batch, G, dim/G, T, N)
+            x = dtu[..., s:e, None] * Bt[:, :, None, s:e]  # (batch, G, dim/G, T, N)
             hs, _ = _linear_scan(dt[..., s:e], Ag, x, h, CPU_CHUNK)
             h = hs[..., -1, :].clone()
             y[..., s:e] = hs.mul_(Ct[:, :, None, s:e]).sum(-1)
@@ -275,11 +276,12 @@ class _CPUScan(torch.autograd.Function):
         du, ddt, dz = torch.zeros_like(uu), torch.zeros_like(uu), None if z is None else torch.zeros_like(uu)
         dA = torch.zeros_like(Ag)
         dB, dC = torch.zeros_like(Bt), torch.zeros_like(Ct)
+        dtu = dt * uu
         for i, s in reversed(list(enumerate(range(0, L_pad, block)))):
             e = min(s + block, L_pad)
             # recompute the block's states from the state entering it
             h0 = starts[..., i, :]
-            x = (dt[..., s:e] * uu[..., s:e]).unsqueeze(-1) * Bt[:, :, None, s:e]
+            x = dtu[..., s:e, None] * Bt[:, :, None, s:e]
             hs, ah = _linear_scan(dt[..., s:e], Ag, x, h0, CPU_CHUNK)  # h_t, a_t
             ah[..., 1:, :] *= hs[..., :-1, :]  # a_t * h_{t-1}
             ah[..., 0, :] *= h0
@@ -304,7 +306,7 @@ class _CPUScan(torch.autograd.Function):
             du[..., s:e] = gB * dt[..., s:e]
             ddt[..., s:e] = gB * uu[..., s:e] + dot(gah, Ag[:, :, None, :], -1)
             dA += dot(gah, dt[..., s:e, None], (0, 3))
-            dB[:, :, s:e] = dot(gs, (dt[..., s:e] * uu[..., s:e]).unsqueeze(-1), 2)
+            dB[:, :, s:e] = dot(gs, dtu[..., s:e, None], 2)
 
         def seq(t):  # (batch, G, dim/G, L_pad + 1) -> (batch, dim, L)
             return t.reshape(batch, dim, L_pad + 1)[..., :L]
