@@ -19,7 +19,7 @@ Music is K parallel codebook streams laid out with MusicGen's delay pattern (cod
 right by k+1 steps); the model predicts the K tokens of the next position at once.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -61,6 +61,18 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.n_head={self.n_head} must divide d_model={self.d_model}")
         if self.mixer == "mamba2" and (self.expand * self.d_model) % self.headdim:
             raise ValueError(f"ModelConfig.headdim={self.headdim} must divide expand * d_model={self.expand * self.d_model}")
+
+
+def read_config(*paths, **overrides):
+    """A ModelConfig from config files (plain Python assignments, later files win) and keyword overrides.
+    Keys that are not model keys (out_dir, training settings) are left to train.py."""
+    values = {}
+    for path in paths:
+        with open(path) as f:
+            exec(f.read(), {}, values)
+    values.update(overrides)
+    keys = {f.name for f in fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in values.items() if k in keys})
 
 
 class RMSNorm(nn.Module):

@@ -1,6 +1,5 @@
 """model.py: every variant is causal, decodes incrementally exactly as the full pass, generates
 deterministically, starts at chance loss and can learn; the delay pattern; FLOPs; paper-scale sizes."""
-import dataclasses
 import math
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import model
 import scan
-from model import ModelConfig, MusicLM, delay, undelay
+from model import ModelConfig, MusicLM, delay, read_config, undelay
 
 V, K, TEXT_DIM, TT = 16, 3, 12, 5
 SMALL = dict(n_layer=2, d_model=32, d_state=8, headdim=16, n_head=4, n_codebooks=K, codebook_size=V,
@@ -170,14 +169,6 @@ def test_flops_estimate_matches_flop_counter(name, monkeypatch):
     assert m.estimate_flops_per_token(S) == pytest.approx(sum(est.values()))
 
 
-def read_config(path, **over):
-    """A config file's model keys -> ModelConfig (as train.py does with its globals)."""
-    values = {}
-    exec(path.read_text(), {}, values)
-    keys = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in {**values, **over}.items() if k in keys})
-
-
 @pytest.mark.parametrize("path", sorted(p for p in CONFIGS.glob("*.py") if p.name != "tiny.py"), ids=lambda p: p.stem)
 def test_paper_configs_have_300M_params(path):
     with torch.device("meta"):
@@ -190,9 +181,8 @@ def test_paper_configs_have_300M_params(path):
 def test_tiny_overlay_and_overfit_one_batch():
     """configs/prefix_simba.py + configs/tiny.py learns one fixed batch: the loss falls below 0.5."""
     torch.manual_seed(0)
-    cfg = read_config(CONFIGS / "prefix_simba.py")
-    tiny = read_config(CONFIGS / "tiny.py", **{k: getattr(cfg, k) for k in ("block", "cond", "mixer", "n_codebooks")})
-    m = MusicLM(dataclasses.replace(tiny, codebook_size=64, text_dim=TEXT_DIM))
+    m = MusicLM(read_config(CONFIGS / "prefix_simba.py", CONFIGS / "tiny.py", codebook_size=64, text_dim=TEXT_DIM))
+    assert (m.config.block, m.config.mixer, m.config.n_layer, m.config.d_model) == ("simba", "mamba2", 4, 64)
     g = torch.Generator().manual_seed(0)
     seq = delay(torch.randint(0, 64, (2, m.config.n_codebooks, 28), generator=g), 64)
     text, mask = torch.randn(2, TT, TEXT_DIM, generator=g), torch.ones(2, TT, dtype=torch.bool)
