@@ -1,22 +1,27 @@
 """Speed, measured: prints a Markdown table and writes the numbers as JSON.
 
-    python bench.py                          # kernel section on CPU: reference loop vs the CPU path
+    python bench.py                          # kernel section on CPU: reference loop vs pscan vs the CPU path
     python bench.py --device=cuda            # + the Triton kernels, with GB/s and % of HBM bandwidth
 
 kernel: forward and forward+backward time of the selective scan at a Mamba-1 shape and a
 Mamba-2 shape (the paper-scale shapes on CUDA; smaller ones on CPU, printed in the table).
+On CPU a third baseline, "pscan", is the scan as mamba.py does it: exp(delta A) and delta B u
+materialized whole as (batch, dim, L, N) tensors and scanned with a Blelloch parallel scan in
+pure PyTorch. The CPU path's bar is to beat it at forward+backward.
 GB/s counts the bytes a scan must move at the least, each tensor read or written once:
 forward reads u, delta, z, B, C and writes out; the backward reads them and dout again and
 writes du, ddelta, dz, dB, dC. Nothing (batch, dim, L, N)-sized is counted: no path needs it.
 """
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 import triton
 
 import scan
@@ -66,6 +71,81 @@ def timeit(fn, device, reps):
     return statistics.median(times)
 
 
+def _blelloch_(a, x, reverse=False):
+    """In place: x_t <- h_t = a_t * h_{t-1} + x_t (h_{-1} = 0) along dim 2 of (batch, dim, L, N) tensors.
+
+    reverse=True scans from the end instead: h_t = a_t * h_{t+1} + x_t. L must be a power of two;
+    a is overwritten. Blelloch's two sweeps over a binary tree of the steps, 2 log2(L) loops:
+    the up-sweep combines neighbouring spans (stride 1, 2, 4, ...) so that the last step of each
+    span holds the scan of its span, with a holding the span's total decay; the down-sweep
+    (stride ..., 2, 1) then completes the first step of every span from the span before it.
+    """
+    L = x.shape[2]
+    first, second = (1, 0) if reverse else (0, 1)  # the two halves of a span, in scan order
+
+    def spans(t, s):  # the last step (in scan order) of each span of s steps, paired: (batch, dim, L / 2s, 2, N)
+        return (t[:, :, ::s] if reverse else t[:, :, s - 1::s]).unflatten(2, (-1, 2))
+
+    s = 1
+    while s < L:  # up-sweep
+        ap, xp = spans(a, s), spans(x, s)
+        xp[:, :, :, second].addcmul_(ap[:, :, :, second], xp[:, :, :, first])
+        ap[:, :, :, second] *= ap[:, :, :, first]
+        s *= 2
+    todo, done = (slice(None, -1), slice(1, None)) if reverse else (slice(1, None), slice(None, -1))
+    s = L // 2
+    while s >= 1:  # down-sweep: the first half of every span needs the state entering the span
+        ap, xp = spans(a, s), spans(x, s)
+        xp[:, :, todo, first].addcmul_(ap[:, :, todo, first], xp[:, :, done, second])
+        s //= 2
+
+
+class _PScan(torch.autograd.Function):
+    """h = the scan of h_t = a_t * h_{t-1} + x_t over (batch, dim, L, N) tensors, L a power of two."""
+
+    @staticmethod
+    def forward(ctx, a, x):
+        h = x.clone()
+        _blelloch_(a.clone(), h)
+        ctx.save_for_backward(a, h)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        a, h = ctx.saved_tensors
+        # the adjoint g_t = dL/dx_t runs backwards: g_t = dh_t + a_{t+1} g_{t+1}
+        g = dh.clone()
+        _blelloch_(F.pad(a[:, :, 1:], (0, 0, 0, 1)), g, reverse=True)
+        da = torch.zeros_like(a)  # dL/da_t = g_t h_{t-1}
+        torch.mul(g[:, :, 1:], h[:, :, :-1], out=da[:, :, 1:])
+        return da, g
+
+
+def selective_scan_pscan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """The selective scan as mamba.py computes it: whole (batch, dim, L, N) tensors, a Blelloch scan.
+
+    Same arguments as scan.selective_scan (float32); autograd does the backward of everything but
+    the scan itself.
+    """
+    batch, dim, L = u.shape
+    G, N = (1 if B.dim() == 3 else B.shape[1]), A.shape[1]
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    B, C = (t.reshape(batch, G, 1, N, L).transpose(-1, -2) for t in (B, C))  # (batch, G, 1, L, N)
+    a = torch.exp(delta.unsqueeze(-1) * A.unsqueeze(1))  # (batch, dim, L, N)
+    x = ((delta * u).reshape(batch, G, dim // G, L, 1) * B).reshape(batch, dim, L, N)
+    pad = 2 ** math.ceil(math.log2(L)) - L  # zero steps after the end change nothing before it
+    if pad:
+        a, x = F.pad(a, (0, 0, 0, pad)), F.pad(x, (0, 0, 0, pad))
+    hs = _PScan.apply(a, x)[:, :, :L]  # (batch, dim, L, N)
+    y = (hs.reshape(batch, G, dim // G, L, N) * C).sum(-1).reshape(batch, dim, L)
+    if D is not None:
+        y = y + D[:, None] * u
+    return y if z is None else y * F.silu(z)
+
+
 def scan_inputs(batch, dim, N, L, device, dtype, heads=None):
     """Inputs of a Mamba block's scan: D, z, delta_bias and softplus on, B and C shared by all channels."""
     g = torch.Generator().manual_seed(0)
@@ -82,7 +162,10 @@ def scan_inputs(batch, dim, N, L, device, dtype, heads=None):
 
 def bench_kernel(device, dtype, reps):
     rows = []
-    paths = {"reference": scan.selective_scan_ref, "cpu path": scan.selective_scan_cpu}
+    paths = {"reference": scan.selective_scan_ref}
+    if device == "cpu":  # on CUDA's paper-scale shapes its (batch, dim, L, N) tensors take tens of GB
+        paths["pscan"] = selective_scan_pscan
+    paths["cpu path"] = scan.selective_scan_cpu
     if device == "cuda":
         paths["triton"] = scan.selective_scan_triton
     for name, (batch, dim, N, L) in SHAPES[device].items():

@@ -165,46 +165,69 @@ CPU_CHUNK = 16  # steps scanned one by one inside each chunk (all chunks at once
 CPU_BLOCK_ELEMS = 1 << 20  # at most this many (batch * dim * steps * N) state elements exist at once
 
 
-def _linear_scan(dt, A, x, h0, chunk, reverse=False):
-    """h_t = exp(dt_t * A) * h_{t-1} + x_t along the step dim of x (..., T, N), from h_{-1} = h0 (..., N).
+def _decay(dt, A):
+    """exp(dt * A), every entry <= 1: dt (batch, G, T, dim/G), A (G, dim/G, N or 1) -> (batch, G, T, dim/G, N or 1).
 
-    With reverse=True it runs backwards in time: h_t = exp(dt_t * A) * h_{t+1} + x_t from h_T = h0.
-    dt: (..., T); A broadcasts against (..., N). T must be a multiple of `chunk`. Writes h into x
-    and returns (h, a) with a = exp(dt * A). Two levels, so Python runs about 3 * chunk + T / chunk
-    small loops instead of T: every chunk is scanned from a zero state (all chunks at once), the
-    true state entering each chunk is carried across chunks, and its decayed contribution added.
-    Only decays exp(dt * A) <= 1 and their products are formed, never the exp of a large positive
-    number, so it is as stable as the sequential loop.
+    Computed as exp2(dt * A * log2(e)): exp2 is about 3x faster than exp on CPU.
     """
-    *lead, T, N = x.shape
+    return (dt.unsqueeze(-1) * (A * LOG2E).unsqueeze(-3)).exp2_()
+
+
+def _linear_scan(a, dt, A, x, h0, chunk, reverse=False):
+    """h_t = a_t * h_{t-1} + x_t over the steps of x (batch, G, T, dim/G, N), from h_{-1} = h0.
+
+    a = _decay(dt, A) = exp(dt * A): (batch, G, T, dim/G, N or 1); dt: (batch, G, T, dim/G);
+    A: (G, dim/G, N or 1); h0: (batch, G, dim/G, N). With reverse=True it runs backwards in time:
+    h_t = a_t * h_{t+1} + x_t from h_T = h0. T must be a multiple of `chunk`. Writes h into x and
+    returns it. Two levels, so Python runs about 2 * chunk + T / chunk small loops instead of T:
+    every chunk's last state from a zero start (all chunks at once), then the true state entering
+    each chunk, carried across chunks, then every chunk once more from its true entering state.
+    Each loop step works on one step of every chunk, (dim/G, N) contiguous numbers per chunk: the
+    time-major layout is for this. Only decays exp(dt * A) <= 1 and their products are formed,
+    never the exp of a large positive number, so it is as stable as the sequential loop.
+    """
+    batch, G, T, d, N = x.shape
     nc = T // chunk
-    A = A * LOG2E  # exp(v) = exp2(v * log2(e)); exp2 is about 3x faster than exp on CPU
-    a = (dt.unsqueeze(-1) * A.unsqueeze(-2)).exp2_()  # (..., T, N) one step's decay
-    a_c = a.view(*lead, nc, chunk, N)
-    h = x.view(*lead, nc, chunk, N)
+    h = x.view(batch, G, nc, chunk, d, N).unbind(3)  # h[i]: step i of every chunk, (batch, G, nc, dim/G, N)
+    a = a.view(batch, G, nc, chunk, d, -1).unbind(3)
     steps = range(chunk - 1, -1, -1) if reverse else range(chunk)  # in scan order
-    for i, prev in zip(list(steps)[1:], steps):  # 1. scan every chunk at once, from zero
-        h[..., i, :].addcmul_(a_c[..., i, :], h[..., prev, :])
-    # 2. the state entering each chunk; a chunk's total decay is exp(A * the sum of its dt)
-    chunk_decay = torch.exp2(dt.reshape(*lead, nc, chunk).sum(-1).unsqueeze(-1) * A.unsqueeze(-2))  # (..., nc, N)
-    carries = []
-    carry = h0
-    for c in range(nc - 1, -1, -1) if reverse else range(nc):
-        carries.append(carry)
-        carry = torch.addcmul(h[..., c, steps[-1], :], chunk_decay[..., c, :], carry)
-    q = torch.stack(carries[::-1] if reverse else carries, -2)  # (..., nc, N)
-    for i in steps:  # 3. add each entering state, decayed step by step
-        h[..., i, :] += q.mul_(a_c[..., i, :])
-    return x, a
+    last = h[steps[0]]
+    for i in steps[1:]:  # 1. each chunk's last state from a zero start, all chunks at once
+        last = torch.addcmul(h[i], a[i], last)  # (batch, G, nc, dim/G, N)
+    # 2. the true state entering each chunk; a chunk's total decay is exp(A * the sum of its dt)
+    chunk_decay = _decay(dt.reshape(batch, G, nc, chunk, d).sum(3), A)  # (batch, G, nc, dim/G, N or 1)
+    q = torch.empty_like(last)
+    q_c, last_c, decay_c = q.unbind(2), last.unbind(2), chunk_decay.unbind(2)
+    chunks = range(nc - 1, -1, -1) if reverse else range(nc)  # in scan order
+    q_c[chunks[0]].copy_(h0)
+    for c, prev in zip(chunks[1:], chunks):
+        torch.addcmul(last_c[prev], decay_c[prev], q_c[prev], out=q_c[c])
+    for i in steps:  # 3. every chunk once more, from its true entering state, in place
+        q = h[i].addcmul_(a[i], q)
+    return x
 
 
-def _cpu_inputs(u, delta, A, B, C, z, delta_bias, delta_softplus, L_pad):
-    """Float32 copies in the CPU path's layout, padded with zeros to L_pad steps.
+def _time_major(t, G, L_pad):
+    """(batch, dim, L) -> (batch, G, L_pad, dim/G) float32, padded with zeros: the CPU path's layout."""
+    batch, dim, L = t.shape
+    t = F.pad(t.to(_compute_dtype(t)), (0, L_pad - L)).view(batch, G, dim // G, L_pad)
+    return t.transpose(-1, -2).contiguous()
 
-    u, delta (after bias and softplus), z: (batch, G, dim/G, L_pad); B, C: (batch, G, L_pad, N);
-    A: (G, dim/G, N). A padded step has delta = 0, so it leaves the state unchanged.
+
+def _channel_major(t, L):
+    """(batch, G, L_pad, dim/G) -> (batch, dim, L), contiguous: the inverse of _time_major."""
+    batch, G, L_pad, d = t.shape
+    return t[:, :, :L].transpose(-1, -2).reshape(batch, G * d, L).contiguous()
+
+
+def _cpu_inputs(u, delta, A, B, C, delta_bias, delta_softplus, L_pad):
+    """Float32 copies in the CPU path's time-major layout, padded with zeros to L_pad steps.
+
+    u, delta (after bias and softplus): (batch, G, L_pad, dim/G); B, C: (batch, G, L_pad, N);
+    A: (G, dim/G, N), or (G, dim/G, 1) where each channel has one A for all its states, as in
+    Mamba-2: then the decays exp(delta A) are (..., dim/G, 1) too, N times fewer to compute and
+    read. A padded step has delta = 0, so it leaves the state unchanged.
     """
-    batch, dim, L = u.shape
     B, C = _grouped(B), _grouped(C)
     G, N = B.shape[1], B.shape[2]
     f = _compute_dtype(u)
@@ -214,13 +237,13 @@ def _cpu_inputs(u, delta, A, B, C, z, delta_bias, delta_softplus, L_pad):
     if delta_softplus:
         dt = F.softplus(dt)
 
-    def seq(t):  # (batch, dim, L) -> (batch, G, dim/G, L_pad)
-        return None if t is None else F.pad(t.to(f), (0, L_pad - L)).view(batch, G, dim // G, L_pad)
-
     def bc(t):  # (batch, G, N, L) -> (batch, G, L_pad, N)
-        return F.pad(t.to(f), (0, L_pad - L)).transpose(-1, -2).contiguous()
+        return F.pad(t.to(f), (0, L_pad - t.shape[-1])).transpose(-1, -2).contiguous()
 
-    return seq(u), seq(dt), seq(z), bc(B), bc(C), A.to(f).reshape(G, dim // G, N)
+    A = A.to(f).reshape(G, -1, N)
+    if torch.equal(A, A[..., :1].expand_as(A)):
+        A = A[..., :1]
+    return _time_major(u, G, L_pad), _time_major(dt, G, L_pad), bc(B), bc(C), A
 
 
 def _cpu_plan(batch, dim, N, L):
@@ -237,84 +260,77 @@ class _CPUScan(torch.autograd.Function):
         batch, dim, L = u.shape
         N = A.shape[1]
         L_pad, block = _cpu_plan(batch, dim, N, L)
-        uu, dt, zz, Bt, Ct, Ag = _cpu_inputs(u, delta, A, B, C, z, delta_bias, delta_softplus, L_pad)
+        # one spare step at the end: the backward's adjoint scan reads a_{t+1}
+        uu, dt, Bt, Ct, Ag = _cpu_inputs(u, delta, A, B, C, delta_bias, delta_softplus, L_pad + 1)
         G = Bt.shape[1]
         h = uu.new_zeros(batch, G, dim // G, N)  # (batch, G, dim/G, N)
         starts = []  # the state entering each block: all the backward needs to recompute the rest
-        y = torch.empty_like(uu)  # (batch, G, dim/G, L_pad)
-        dtu = dt * uu  # (batch, G, dim/G, L_pad)
+        y = torch.empty_like(uu)  # (batch, G, L_pad + 1, dim/G)
+        dtu = dt * uu  # (batch, G, L_pad + 1, dim/G)
         for s in range(0, L_pad, block):
             e = min(s + block, L_pad)
             starts.append(h)
-            x = dtu[..., s:e, None] * Bt[:, :, None, s:e]  # (batch, G, dim/G, T, N)
-            hs, _ = _linear_scan(dt[..., s:e], Ag, x, h, CPU_CHUNK)
-            h = hs[..., -1, :].clone()
-            y[..., s:e] = hs.mul_(Ct[:, :, None, s:e]).sum(-1)
-        y = y.view(batch, dim, L_pad)[..., :L]
-        uf = uu.view(batch, dim, L_pad)[..., :L]
+            x = dtu[:, :, s:e, :, None] * Bt[:, :, s:e, None, :]  # (batch, G, T, dim/G, N)
+            hs = _linear_scan(_decay(dt[:, :, s:e], Ag), dt[:, :, s:e], Ag, x, h, CPU_CHUNK)
+            h = hs[:, :, -1].clone()
+            y[:, :, s:e] = torch.einsum('bgtdn,bgtn->bgtd', hs, Ct[:, :, s:e])
+        y = _channel_major(y, L)  # (batch, dim, L)
         if D is not None:
-            y = y + D.to(y.dtype)[:, None] * uf
-        out = y if z is None else y * F.silu(zz.view(batch, dim, L_pad)[..., :L])
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.stack(starts, -2))
+            y = y + D.to(y.dtype)[:, None] * u.to(y.dtype)
+        out = y if z is None else y * F.silu(z.to(y.dtype))
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, uu, dt, Bt, Ct, Ag, torch.stack(starts, 2),
+                              None if z is None else y)  # y before the gate, for dz
         ctx.delta_softplus = delta_softplus
         ctx.set_materialize_grads(False)
         return out.to(u.dtype), h.view(batch, dim, N)
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, uu, dt, Bt, Ct, Ag, starts, y = ctx.saved_tensors
         batch, dim, L = u.shape
         N = A.shape[1]
         L_pad, block = _cpu_plan(batch, dim, N, L)
-        uu, dt, zz, Bt, Ct, Ag = _cpu_inputs(u, delta, A, B, C, z, delta_bias, ctx.delta_softplus, L_pad + 1)
         G, f = Bt.shape[1], uu.dtype
-        Dg = None if D is None else D.to(f).view(G, dim // G, 1)
-        dout = torch.zeros_like(uu) if dout is None else \
-            F.pad(dout.to(f), (0, L_pad + 1 - L)).view(batch, G, dim // G, L_pad + 1)
-        dy = dout if z is None else dout * F.silu(zz)  # (batch, G, dim/G, L_pad + 1) gradient of y
+        dy = u.new_zeros(u.shape, dtype=f) if dout is None else dout.to(f)  # (batch, dim, L) gradient of y
+        dz = None
+        if z is not None:
+            zf = z.to(f)
+            sz = torch.sigmoid(zf)
+            dz = dy * y * sz * (1 + zf * (1 - sz))
+            dy = dy * zf * sz
+        dyt = _time_major(dy, G, L_pad + 1)  # (batch, G, L_pad + 1, dim/G)
         g = uu.new_zeros(batch, G, dim // G, N) if dlast is None else dlast.to(f).reshape(batch, G, dim // G, N)
-        du, ddt, dz = torch.zeros_like(uu), torch.zeros_like(uu), None if z is None else torch.zeros_like(uu)
-        dA = torch.zeros_like(Ag)
+        du, ddt = torch.zeros_like(uu), torch.zeros_like(uu)
+        dA = Ag.new_zeros(G, dim // G, N)
         dB, dC = torch.zeros_like(Bt), torch.zeros_like(Ct)
         dtu = dt * uu
         for i, s in reversed(list(enumerate(range(0, L_pad, block)))):
             e = min(s + block, L_pad)
-            # recompute the block's states from the state entering it
-            h0 = starts[..., i, :]
-            x = dtu[..., s:e, None] * Bt[:, :, None, s:e]
-            hs, ah = _linear_scan(dt[..., s:e], Ag, x, h0, CPU_CHUNK)  # h_t, a_t
-            ah[..., 1:, :] *= hs[..., :-1, :]  # a_t * h_{t-1}
-            ah[..., 0, :] *= h0
-            tmp = torch.empty_like(hs)  # one scratch buffer for every product below: fewer page faults
-
-            def dot(p, q, dims):  # sum over dims of p * q
-                return torch.mul(p, q, out=tmp).sum(dims)
-
-            if z is not None:
-                y = dot(hs, Ct[:, :, None, s:e], -1)
-                if D is not None:
-                    y = y + Dg * uu[..., s:e]
-                sz = torch.sigmoid(zz[..., s:e])
-                dz[..., s:e] = dout[..., s:e] * y * sz * (1 + zz[..., s:e] * (1 - sz))
-            dC[:, :, s:e] = dot(hs, dy[..., s:e, None], 2)
+            a = _decay(dt[:, :, s:e + 1], Ag)  # (batch, G, T + 1, dim/G, N or 1): a_s .. a_e, for both scans
             # adjoint state g_t = dL/dh_t, scanned backwards: g_t = C_t dy_t + a_{t+1} g_{t+1}
-            c = torch.mul(dy[..., s:e, None], Ct[:, :, None, s:e], out=hs)  # hs is not needed any more
-            gs, _ = _linear_scan(dt[..., s + 1:e + 1], Ag, c, g, CPU_CHUNK, reverse=True)
-            g = gs[..., 0, :].clone()
-            gB = dot(gs, Bt[:, :, None, s:e], -1)  # sum_n g B
-            gah = ah.mul_(gs)
-            du[..., s:e] = gB * dt[..., s:e]
-            ddt[..., s:e] = gB * uu[..., s:e] + dot(gah, Ag[:, :, None, :], -1)
-            dA += dot(gah, dt[..., s:e, None], (0, 3))
-            dB[:, :, s:e] = dot(gs, dtu[..., s:e, None], 2)
+            gs = dyt[:, :, s:e, :, None] * Ct[:, :, s:e, None, :]  # (batch, G, T, dim/G, N)
+            _linear_scan(a[:, :, 1:], dt[:, :, s + 1:e + 1], Ag, gs, g, CPU_CHUNK, reverse=True)
+            g = gs[:, :, 0].clone()
+            # recompute the block's states from the state entering it
+            h0 = starts[:, :, i]
+            hs = dtu[:, :, s:e, :, None] * Bt[:, :, s:e, None, :]  # (batch, G, T, dim/G, N)
+            _linear_scan(a[:, :, :-1], dt[:, :, s:e], Ag, hs, h0, CPU_CHUNK)
+            # every gradient from h_t and g_t
+            dC[:, :, s:e] = torch.einsum('bgtdn,bgtd->bgtn', hs, dyt[:, :, s:e])
+            dB[:, :, s:e] = torch.einsum('bgtdn,bgtd->bgtn', gs, dtu[:, :, s:e])
+            gB = torch.einsum('bgtdn,bgtn->bgtd', gs, Bt[:, :, s:e])  # sum_n g_t B_t
+            gah = gs * a[:, :, :-1]  # g_t * a_t * h_{t-1}
+            gah[:, :, 1:] *= hs[:, :, :-1]
+            gah[:, :, 0] *= h0
+            du[:, :, s:e] = gB * dt[:, :, s:e]
+            ddt[:, :, s:e] = gB * uu[:, :, s:e] + torch.einsum('bgtdn,gdn->bgtd', gah, Ag)
+            dA += torch.mul(gah, dt[:, :, s:e, :, None], out=hs).sum((0, 2))  # hs is not needed any more
 
-        def seq(t):  # (batch, G, dim/G, L_pad + 1) -> (batch, dim, L)
-            return t.reshape(batch, dim, L_pad + 1)[..., :L]
-
-        dyf, uf = seq(dy), seq(uu)
-        dD = None if D is None else (dyf * uf).sum((0, 2)).to(D.dtype)
-        du = seq(du) if D is None else seq(du) + D.to(f)[:, None] * dyf
-        ddelta = seq(ddt)
+        du, ddelta = _channel_major(du, L), _channel_major(ddt, L)  # (batch, dim, L)
+        dD = None
+        if D is not None:
+            dD = (dy * u.to(f)).sum((0, 2)).to(D.dtype)
+            du = du + D.to(f)[:, None] * dy
         if ctx.delta_softplus:
             raw = delta.to(f) if delta_bias is None else delta.to(f) + delta_bias.to(f)[:, None]
             ddelta = ddelta * torch.sigmoid(raw)
@@ -324,7 +340,7 @@ class _CPUScan(torch.autograd.Function):
             return t[:, :, :L].transpose(-1, -2).reshape(like.shape).to(like.dtype)
 
         return (du.to(u.dtype), ddelta.to(delta.dtype), dA.view(dim, N).to(A.dtype), bc(dB, B), bc(dC, C),
-                dD, None if z is None else seq(dz).to(z.dtype), dbias, None)
+                dD, None if z is None else dz.to(z.dtype), dbias, None)
 
 
 def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
