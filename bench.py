@@ -2,6 +2,8 @@
 
     python bench.py                          # kernel section on CPU: reference loop vs pscan vs the CPU path
     python bench.py --device=cuda            # + the Triton kernels, with GB/s and % of HBM bandwidth
+    python bench.py --section=generate       # ms per generated step, cached vs recomputed (--size=paper on a GPU)
+    python bench.py --section=all
 
 kernel: forward and forward+backward time of the selective scan at a Mamba-1 shape and a
 Mamba-2 shape (the paper-scale shapes on CUDA; smaller ones on CPU, printed in the table).
@@ -11,6 +13,11 @@ pure PyTorch. The CPU path's bar is to beat it at forward+backward.
 GB/s counts the bytes a scan must move at the least, each tensor read or written once:
 forward reads u, delta, z, B, C and writes out; the backward reads them and dout again and
 writes du, ddelta, dz, dB, dC. Nothing (batch, dim, L, N)-sized is counted: no path needs it.
+
+generate: milliseconds per generated step of prefix_simba and prefix_transformer (configs/, shrunk by
+configs/tiny.py unless --size=paper) at given positions, for one caption with classifier-free guidance
+(a batch of 2 rows): with the caches (the SSM's fixed-size state, attention's KV cache) and by running
+the whole sequence again at every step, as the paper's official implementation does.
 """
 import argparse
 import json
@@ -23,7 +30,9 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
+from tqdm import tqdm
 
+import model
 import scan
 
 # peak memory bandwidth in GB/s, from the vendors' data sheets, by device name
@@ -56,19 +65,21 @@ def peak_gbps(device):
     return next((v for k, v in PEAK_GBPS.items() if k in name), None)
 
 
+def elapsed(fn, device):
+    """Seconds one call of fn() takes (waiting for the GPU to finish)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def timeit(fn, device, reps):
     """Median seconds of fn() over reps runs, after one warm-up run."""
     fn()
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(elapsed(fn, device) for _ in range(reps))
 
 
 def _blelloch_(a, x, reverse=False):
@@ -201,9 +212,36 @@ def bench_kernel(device, dtype, reps):
     return rows
 
 
+GENERATE_MODELS = ("prefix_simba", "prefix_transformer")
+
+
+@torch.no_grad()
+def bench_generate(device, dtype, reps, size, positions):
+    rows = []
+    for name in GENERATE_MODELS:
+        files = [f"configs/{name}.py"] + (["configs/tiny.py"] if size == "tiny" else [])
+        cfg = model.read_config(*files)
+        m = model.MusicLM(cfg).to(device, dtype).eval()
+        g = torch.Generator().manual_seed(0)
+        text = torch.randn(2, cfg.max_text_len, cfg.text_dim, generator=g).to(device, dtype)
+        mask = torch.ones(2, cfg.max_text_len, dtype=torch.bool, device=device)
+        mask[1] = False  # the unconditional row of classifier-free guidance
+        last = max(positions) + reps
+        tokens = torch.randint(0, cfg.codebook_size, (2, cfg.n_codebooks, last), generator=g).to(device)
+        base = dict(model=name, size=size, params_M=round(m.num_params() / 1e6, 2), dtype=str(dtype)[6:])
+        cache = m.prefill(text, mask)
+        times = [elapsed(lambda: m.step(tokens[:, :, p], cache), device)
+                 for p in tqdm(range(last), desc=f"{name}: cached steps", leave=False)]
+        for pos in positions:  # the median of the steps at pos .. pos + reps - 1
+            rows.append(dict(base, mode="cache", position=pos, ms_per_step=1e3 * statistics.median(times[pos:pos + reps])))
+        for pos in tqdm(positions, desc=f"{name}: recomputed steps", leave=False):
+            t = timeit(lambda: m(tokens[:, :, :pos + 1], text, mask), device, reps)
+            rows.append(dict(base, mode="recompute", position=pos, ms_per_step=1e3 * t))
+    return rows
+
+
 def markdown(rows):
-    cols = ["shape", "batch", "dim", "N", "L", "dtype", "path", "fwd_ms", "fwd_bwd_ms", "fwd_speedup",
-            "fwd_bwd_speedup", "fwd_GBps", "fwd_bwd_GBps", "fwd_pct_peak", "fwd_bwd_pct_peak"]
+    cols = list(rows[0])
     fmt = lambda v: "" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
@@ -212,25 +250,36 @@ def markdown(rows):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--section", default="kernel", choices=["kernel"])
+    p.add_argument("--section", default="kernel", choices=["kernel", "generate", "all"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--reps", type=int, default=5, help="timed runs per measurement (the reference runs once)")
-    p.add_argument("--out", default="out-bench", help="folder for the JSON file")
+    p.add_argument("--size", default=None, choices=["tiny", "paper"],
+                   help="generate: model size (default: paper on CUDA, tiny on CPU)")
+    p.add_argument("--positions", default="100,2000", help="generate: positions to time, comma-separated")
+    p.add_argument("--out", default="out-bench", help="folder for the JSON files")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench.py: --device=cuda but torch sees no GPU; use --device=cpu")
-    rows = bench_kernel(args.device, getattr(torch, args.dtype), args.reps)
-    info = dict(section=args.section, device=args.device, machine=machine(args.device), torch=torch.__version__,
-                triton=triton.__version__, peak_GBps=peak_gbps(args.device), rows=rows)
-    print(f"## {args.section} on {info['machine']} (torch {torch.__version__}, triton {triton.__version__})\n")
-    print(markdown(rows))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{args.section}_{args.device}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(info, f, indent=1)
-    os.replace(path + ".tmp", path)
-    print(f"\nwrote {path}")
+    dtype = getattr(torch, args.dtype)
+    size = args.size or ("paper" if args.device == "cuda" else "tiny")
+    positions = [int(x) for x in args.positions.split(",")]
+    sections = {"kernel": lambda: bench_kernel(args.device, dtype, args.reps),
+                "generate": lambda: bench_generate(args.device, dtype, args.reps, size, positions)}
+    for section in sections if args.section == "all" else [args.section]:
+        rows = sections[section]()
+        info = dict(section=section, device=args.device, machine=machine(args.device), torch=torch.__version__,
+                    triton=triton.__version__, peak_GBps=peak_gbps(args.device), date=time.strftime("%Y-%m-%d"),
+                    rows=rows)
+        print(f"## {section} on {info['machine']} (torch {torch.__version__}, triton {triton.__version__}, "
+              f"{info['date']})\n")
+        print(markdown(rows))
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"{section}_{args.device}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(info, f, indent=1)
+        os.replace(path + ".tmp", path)
+        print(f"\nwrote {path}\n")
 
 
 if __name__ == "__main__":
