@@ -1,6 +1,6 @@
 # Overlay that shrinks any config to train on a 2-core CPU in minutes:
 #   python train.py configs/prefix_simba.py configs/tiny.py
-# Keeps the variant (block, cond, mixer) and the codebooks; only the sizes change.
+# Keeps the variant (block, cond, mixer) and the codebooks; the sizes and the training length change.
 n_layer = 4
 d_model = 64
 d_state = 16
@@ -8,3 +8,13 @@ headdim = 16
 n_head = 4
 dropout = 0.0
 attn_layers = ()
+# training on a CPU: 10 s crops, no accumulation, a higher learning rate for the small model
+batch_size = 8
+gradient_accumulation_steps = 1
+seq_len = 750
+max_iters = 600
+lr_decay_iters = 600
+warmup_iters = 30
+learning_rate = 2e-3
+eval_interval = 100
+eval_iters = 10

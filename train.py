@@ -1,0 +1,314 @@
+"""Training, nanoGPT style: one file, defaults at the top, overrides from configs and flags.
+
+    python train.py configs/prefix_simba.py                        # one GPU (or the CPU)
+    python train.py configs/prefix_simba.py configs/tiny.py        # a tiny model on a laptop CPU
+    torchrun --standalone --nproc_per_node=8 train.py configs/prefix_simba.py
+    python train.py configs/prefix_simba.py --init_from=resume     # continue exactly where it stopped
+
+Data: data/<dataset>/ as prepare.py writes it. Each training example is a random clip, a random crop of
+seq_len frames (padded with the special token), its first n_codebooks codebooks in the delay pattern, and
+the clip's caption embedding; the caption is dropped whole (caption_dropout) or token by token
+(word_dropout) so that one model serves classifier-free guidance. Every eval_interval: the val loss with the
+caption and without it (their difference, the text gain, shows the model listens to the text), one row in
+out_dir/log.csv, and out_dir/ckpt.pt (written atomically, with the RNG states, so resume is exact).
+"""
+import csv
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import configure
+from model import ModelConfig, MusicLM, delay
+
+# -----------------------------------------------------------------------------
+# defaults; the paper's training settings (DESIGN.md, from the official code) where it has them
+out_dir = "out"
+init_from = "scratch"  # scratch | resume
+dataset = "synth"  # data/<dataset>, written by prepare.py
+data_dir = "data"
+eval_interval = 500
+eval_iters = 20  # val batches per eval
+log_interval = 10
+max_iters = 100_000  # the paper trains Prefix SiMBA 100k steps
+seed = 1337
+# data
+batch_size = 4  # the paper: 4 x 32 accumulation of 30 s clips
+gradient_accumulation_steps = 32  # in total over all processes
+seq_len = 2250  # music frames per crop: 30 s at 75 Hz
+caption_dropout = 0.1
+word_dropout = 0.1
+# model: every ModelConfig key (the configs/ files set them); text_dim and max_text_len come from the data
+block = "simba"
+cond = "prefix"
+mixer = "mamba2"
+attn_layers = ()
+n_layer = 24
+d_model = 1024
+d_state = 512
+d_conv = 4
+expand = 2
+headdim = 64
+n_head = 16
+mlp_ratio = 2.0
+dropout = 0.3
+n_codebooks = 4
+codebook_size = 1024
+label_smoothing = 0.1
+# optimizer: AdamW, linear warmup then cosine decay to min_lr_ratio x learning_rate
+learning_rate = 1e-4
+weight_decay = 0.02
+beta1 = 0.9
+beta2 = 0.999
+eps = 1e-7
+grad_clip = 1.0
+warmup_iters = 500
+lr_decay_iters = 100_000
+min_lr_ratio = 0.005
+# system
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype on CUDA; CPU runs float32
+compile = False
+# -----------------------------------------------------------------------------
+config = configure(globals(), sys.argv[1:], "train.py")
+
+# DDP: torchrun sets RANK; each process takes its share of the gradient accumulation
+ddp = int(os.environ.get("RANK", -1)) != -1
+if ddp:
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    rank, local_rank, world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if gradient_accumulation_steps % world_size:
+        sys.exit(f"train.py: gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of "
+                 f"the {world_size} processes")
+    gradient_accumulation_steps //= world_size
+else:
+    rank, world_size = 0, 1
+master = rank == 0
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+torch.manual_seed(seed + rank)
+if device_type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+autocast = nullcontext() if device_type == "cpu" else torch.autocast("cuda", dtype=getattr(torch, dtype))
+
+# -----------------------------------------------------------------------------
+# data
+root = os.path.join(data_dir, dataset)
+if not os.path.exists(os.path.join(root, "meta.json")):
+    sys.exit(f"train.py: no dataset at {root} (meta.json missing); run `python prepare.py` or set --dataset")
+meta = json.load(open(os.path.join(root, "meta.json")))
+codec, text_meta = meta["codec"], meta["text_encoder"]
+if n_codebooks > codec["n_codebooks"]:
+    sys.exit(f"train.py: n_codebooks={n_codebooks} but {root} stores {codec['n_codebooks']}")
+if codebook_size != codec["codebook_size"]:
+    sys.exit(f"train.py: codebook_size={codebook_size} but the codec of {root} has {codec['codebook_size']}")
+if not codec["pretrained"] and master:
+    print(f"train.py: WARNING: {root} was encoded with an UNTRAINED codec; the model will learn its tokens, "
+          "but decoded audio will not be meaningful music")
+
+
+def load_split(split):
+    clips = np.load(os.path.join(root, f"{split}_clips.npy"))
+    K, T, dim = codec["n_codebooks"], text_meta["max_tokens"], text_meta["dim"]
+    return dict(clips=clips,
+                codes=np.memmap(os.path.join(root, f"{split}_codes.bin"), dtype=np.uint16, mode="r").reshape(K, -1),
+                text=np.memmap(os.path.join(root, f"{split}_text.bin"), dtype=np.float16, mode="r").reshape(len(clips), T, dim),
+                text_len=np.load(os.path.join(root, f"{split}_text_len.npy")))
+
+
+splits = {s: load_split(s) for s in ("train", "val")}
+data_gen = torch.Generator().manual_seed(seed + rank)  # the training batches' randomness (saved in the checkpoint)
+
+
+def get_batch(split, gen, drop_text=False):
+    """-> model kwargs: codes, targets (B, K, seq_len + K - 1) delayed; text (B, T, dim); text_mask (B, T)."""
+    d = splits[split]
+    idx = torch.randint(len(d["clips"]), (batch_size,), generator=gen).tolist()
+    crops = torch.full((batch_size, n_codebooks, seq_len), codebook_size, dtype=torch.long)  # special = padding
+    for b, i in enumerate(idx):
+        offset, length = (int(x) for x in d["clips"][i])
+        start = int(torch.randint(max(1, length - seq_len + 1), (1,), generator=gen))
+        n = min(seq_len, length - start)
+        crops[b, :, :n] = torch.from_numpy(d["codes"][:n_codebooks, offset + start:offset + start + n].astype(np.int64))
+    seq = delay(crops, codebook_size)  # (B, K, seq_len + K)
+    text = torch.from_numpy(d["text"][idx].astype(np.float32))
+    mask = torch.arange(text.shape[1])[None] < torch.from_numpy(d["text_len"][idx])[:, None].long()
+    if split == "train":  # caption and word dropout, for classifier-free guidance
+        mask &= torch.rand(mask.shape, generator=gen) >= word_dropout
+        mask &= torch.rand(batch_size, 1, generator=gen) >= caption_dropout
+    if drop_text:
+        mask[:] = False
+    batch = dict(codes=seq[:, :, :-1], targets=seq[:, :, 1:], text=text, text_mask=mask)
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# -----------------------------------------------------------------------------
+# model and optimizer
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+model_keys = {f.name for f in fields(ModelConfig)} - {"text_dim", "max_text_len"}
+model_args = {k: config[k] for k in model_keys}
+model_args.update(text_dim=text_meta["dim"], max_text_len=text_meta["max_tokens"])
+iter_num, best_val_loss, tokens_seen, flops_seen = 0, float("inf"), 0, 0.0
+checkpoint = None
+if init_from == "resume":
+    if not os.path.exists(ckpt_path):
+        sys.exit(f"train.py: --init_from=resume but {ckpt_path} does not exist")
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    model_args = checkpoint["model_args"]
+    iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+    tokens_seen, flops_seen = checkpoint["tokens_seen"], checkpoint["flops_seen"]
+elif init_from != "scratch":
+    sys.exit(f"train.py: init_from={init_from!r}: expected 'scratch' or 'resume'")
+model = MusicLM(ModelConfig(**model_args)).to(device)
+if checkpoint:
+    model.load_state_dict(checkpoint["model"])
+flops_per_token = model.estimate_flops_per_token(seq_len + n_codebooks - 1)
+
+decay = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d))]
+decay_ids = {id(p) for p in decay}  # matrices; never A_log, D, dt bias, norms, biases, embeddings
+no_decay = [p for p in model.parameters() if id(p) not in decay_ids]
+optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)],
+                              lr=learning_rate, betas=(beta1, beta2), eps=eps, fused=device_type == "cuda")
+if checkpoint:
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if master:  # the checkpoint holds rank 0's RNG states; other ranks draw fresh ones
+        data_gen.set_state(checkpoint["rng"]["data"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+    else:
+        data_gen.manual_seed(seed + rank + 1_000_003 * iter_num)
+    if device_type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+checkpoint = None  # free memory
+raw_model = model
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+
+def get_lr(it):
+    """Linear warmup, then cosine decay to min_lr_ratio x learning_rate at lr_decay_iters."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    ratio = min(1.0, (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters))
+    return learning_rate * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * ratio)))
+
+
+@torch.no_grad()
+def evaluate():
+    """Mean val loss and per-codebook val loss over eval_iters fixed batches, with and without the caption."""
+    from model import codebook_losses
+    model.eval()
+    out = {}
+    for drop_text in (False, True):
+        gen = torch.Generator().manual_seed(seed)  # the same val batches every time
+        per_cb = torch.zeros(n_codebooks)
+        for _ in range(eval_iters):
+            batch = get_batch("val", gen, drop_text)
+            with autocast:
+                logits, _ = raw_model(batch["codes"], batch["text"], batch["text_mask"])
+            per_cb += codebook_losses(logits, batch["targets"]).cpu() / eval_iters
+        out["notext" if drop_text else "text"] = per_cb
+    model.train()
+    return out
+
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12,
+              "RTX 3090": 71e12}  # dense bf16 tensor-core peaks, for MFU
+
+
+def mfu(tokens_per_s):
+    if device_type != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return None if peak is None else flops_per_token * tokens_per_s / (peak * world_size)
+
+
+def save_checkpoint(path):
+    ckpt = dict(model_args=model_args, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                iter_num=iter_num, best_val_loss=best_val_loss, config=config, data_meta=meta,
+                tokens_seen=tokens_seen, flops_seen=flops_seen,
+                rng=dict(data=data_gen.get_state(), torch=torch.get_rng_state(),
+                         cuda=torch.cuda.get_rng_state() if device_type == "cuda" else None))
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a kill never leaves a broken checkpoint
+
+
+# -----------------------------------------------------------------------------
+# the loop
+log_path = os.path.join(out_dir, "log.csv")
+columns = (["iter", "tokens_seen", "flops_seen", "lr", "train_loss", "val_loss", "val_loss_notext", "text_gain"]
+           + [f"val_loss_cb{k}" for k in range(n_codebooks)] + ["tokens_per_s", "mfu", "peak_mem_MB"])
+if master and (init_from == "scratch" or not os.path.exists(log_path)):
+    with open(log_path, "w", newline="") as f:
+        csv.writer(f).writerow(columns)
+tokens_per_iter = batch_size * (seq_len + n_codebooks - 1) * gradient_accumulation_steps * world_size
+train_losses, t_window, tokens_window = [], time.time(), 0
+if master:
+    print(f"train.py: {raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter} tokens per iteration, "
+          f"{flops_per_token / 1e6:.1f} MFLOPs per token, data {root} ({meta['splits']['train']['clips']} train clips)")
+while True:
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if iter_num % eval_interval == 0 and master:
+        losses = evaluate()
+        val, val_notext = losses["text"].mean().item(), losses["notext"].mean().item()
+        elapsed = time.time() - t_window
+        tokens_per_s = tokens_window / elapsed if tokens_window else None
+        train_loss = sum(train_losses) / len(train_losses) if train_losses else None
+        peak = torch.cuda.max_memory_allocated() / 2**20 if device_type == "cuda" else None
+        print(f"iter {iter_num}: val loss {val:.4f}, without text {val_notext:.4f}, text gain {val_notext - val:+.4f}"
+              + (f", train loss {train_loss:.4f}" if train_loss else ""))
+        best_val_loss = min(best_val_loss, val)
+        row = [iter_num, tokens_seen, flops_seen, lr, train_loss, val, val_notext, val_notext - val,
+               *losses["text"].tolist(), tokens_per_s, mfu(tokens_per_s) if tokens_per_s else None, peak]
+        with open(log_path, "a", newline="") as f:
+            csv.writer(f).writerow(["" if v is None else f"{v:.6g}" if isinstance(v, float) else v for v in row])
+        save_checkpoint(ckpt_path)
+        train_losses, t_window, tokens_window = [], time.time(), 0
+    if iter_num >= max_iters:
+        break
+
+    total = 0.0
+    for micro_step in range(gradient_accumulation_steps):
+        batch = get_batch("train", data_gen)
+        if ddp:  # average gradients across processes only after the last micro-step
+            model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+        with autocast:
+            _, loss = model(**batch, label_smoothing=label_smoothing)
+            loss = loss / gradient_accumulation_steps
+        loss.backward()
+        total += loss.item()
+    if not math.isfinite(total):
+        sys.exit(f"train.py: loss is {total} at iteration {iter_num}; stopping (the last checkpoint is intact)")
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    iter_num += 1
+    tokens_seen += tokens_per_iter
+    flops_seen += tokens_per_iter * flops_per_token
+    tokens_window += tokens_per_iter
+    train_losses.append(total)
+    if master and iter_num % log_interval == 0:
+        print(f"iter {iter_num}: loss {total:.4f}, lr {lr:.2e}, "
+              f"{tokens_window / (time.time() - t_window):.0f} tokens/s")
+
+if ddp:
+    dist.destroy_process_group()
