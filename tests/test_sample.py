@@ -1,0 +1,106 @@
+"""sample.py with a tiny checkpoint trained here: files, index, determinism, cfg=1, and bad inputs."""
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import model
+import prepare
+import sample
+
+ROOT = Path(__file__).resolve().parent.parent
+GENERATE = model.MusicLM.generate
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    prepare.prepare(prepare.parse_args([f"--data_dir={tmp}", "--name=tiny", "--synth_songs=4", "--synth_seconds=2",
+                                        "--clip_seconds=2", "--min_seconds=1", "--codec=untrained",
+                                        "--max_text_tokens=16"]))
+    r = subprocess.run([sys.executable, "train.py", "configs/prefix_simba.py", "configs/tiny.py", f"--data_dir={tmp}",
+                        "--dataset=tiny", f"--out_dir={tmp / 'out'}", "--seq_len=48", "--batch_size=4", "--max_iters=4",
+                        "--eval_interval=4", "--eval_iters=1"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return tmp / "out"
+
+
+def run_sample(run_dir, out, *argv, capture=None, monkeypatch=None):
+    """sample.main in this process; with capture (a list), the codes each generate call returns are kept."""
+    if capture is not None:
+        def keep(self, *a, **k):
+            capture.append(GENERATE(self, *a, **k))
+            return capture[-1]
+        monkeypatch.setattr(model.MusicLM, "generate", keep)
+    monkeypatch.chdir(ROOT)
+    importlib.reload(sample)  # main() sets the module's globals from argv: start from the defaults each time
+    sample.main([f"--out_dir={run_dir}", f"--samples_dir={out}", *argv])
+
+
+PROMPTS = ["a calm solo piano in A minor", "loud drums, 140 BPM"]
+
+
+def test_files_index_and_determinism(run_dir, tmp_path, monkeypatch):
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n\n")
+    codes_a, codes_b = [], []
+    args = [f"--prompts_file={tmp_path / 'prompts.txt'}", "--seconds=1.5", "--num_samples=2", "--batch_size=3", "--seed=7"]
+    run_sample(run_dir, tmp_path / "a", *args, capture=codes_a, monkeypatch=monkeypatch)
+    run_sample(run_dir, tmp_path / "b", *args, capture=codes_b, monkeypatch=monkeypatch)
+    assert len(codes_a) == 2 and all(torch.equal(x, y) for x, y in zip(codes_a, codes_b))  # same seed, same codes
+    rows = [json.loads(l) for l in (tmp_path / "a" / "index.jsonl").read_text().splitlines()]
+    assert sorted(r["file"] for r in rows) == sorted(f"{sample.slug(p)}_{n}.wav" for p in PROMPTS for n in range(2))
+    for r in rows:
+        wav, sr = sf.read(tmp_path / "a" / r["file"])
+        info = sf.info(tmp_path / "a" / r["file"])
+        assert sr == 24000 and info.subtype == "PCM_16" and abs(len(wav) / sr - 1.5) <= 1 / 75
+        assert {"prompt", "seed", "cfg", "top_k", "temperature", "checkpoint", "seconds", "generation_seconds"} <= set(r)
+    with pytest.raises(SystemExit, match="exists"):  # never overwrite silently
+        run_sample(run_dir, tmp_path / "a", *args, monkeypatch=monkeypatch)
+    run_sample(run_dir, tmp_path / "a", *args, "--overwrite=True", monkeypatch=monkeypatch)
+
+
+def test_cfg_1_is_the_conditional_model_alone(run_dir, tmp_path, monkeypatch):
+    codes = []
+    run_sample(run_dir, tmp_path, f"--prompt={PROMPTS[0]}", "--seconds=0.5", "--cfg=1.0", "--top_k=50", "--seed=3",
+               capture=codes, monkeypatch=monkeypatch)
+    m, ckpt = sample.load_model(str(run_dir / "ckpt.pt"), "cpu", "float32")
+    embed, _ = prepare.load_text_encoder("minilm")
+    text, n = embed([PROMPTS[0]], ckpt["data_meta"]["text_encoder"]["max_tokens"])
+    text, mask = torch.from_numpy(text.astype(np.float32)), torch.arange(text.shape[1])[None] < int(n[0])
+    # by hand: the conditional rows only, no unconditional branch anywhere
+    g = torch.Generator().manual_seed(3)
+    K, V, steps = m.config.n_codebooks, m.config.codebook_size, codes[0].shape[-1]
+    cache = m.prefill(text, mask)
+    seq = torch.full((1, K, steps + K), V)
+    for p in range(1, steps + K):
+        tok = model.sample_logits(m.step(seq[:, :, p - 1], cache), 1.0, 50, 0.0, g)
+        inside = (p - torch.arange(K) - 1 >= 0) & (p - torch.arange(K) - 1 < steps)
+        seq[:, :, p] = torch.where(inside, tok, V)
+    assert torch.equal(codes[0], model.undelay(seq, V))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompt="], "empty prompt"),
+    (["--prompt=x", "--seconds=0"], "--seconds=0.0 must be positive"),
+    (["--prompt=x", "--out_dir=/no/such/run"], "no checkpoint at /no/such/run/ckpt.pt"),
+    (["--prompts_file=BAD_JSON"], "does not parse"),
+    (["--prompts_file=/no/such/file.txt"], "does not exist"),
+    (["--prompt=x", "--stage2_dir=somewhere"], "not implemented yet"),
+    (["--prompt=x", "--out_dir=BROKEN"], "cannot read the checkpoint"),
+])
+def test_bad_inputs_one_line_and_nothing_written(run_dir, tmp_path, argv, message):
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    argv = [a.replace("BAD_JSON", str(tmp_path / "bad.json")).replace("BROKEN", str(tmp_path / "broken")) for a in argv]
+    out = tmp_path / "samples"
+    cmd = [sys.executable, "sample.py", f"--out_dir={run_dir}", f"--samples_dir={out}", *argv]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not out.exists()
