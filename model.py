@@ -563,3 +563,105 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=0.0, generator=None):
     probs = F.softmax(logits, dim=-1)
     ids = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
     return ids.view(probs.shape[:-1])
+
+
+# -----------------------------------------------------------------------------
+# stage 2 of the two-stage design: codebook-0 tokens -> the full codec latent, by diffusion
+
+
+@dataclass
+class Stage2Config:
+    codebook_size: int = 1024
+    n_codebooks: int = 8                # codebooks whose embeddings sum to the target latent (all stored ones)
+    latent_dim: int = 128               # EnCodec 24 kHz: 128 channels at 75 Hz
+    cond_dim: int = 64                  # width of the embedded codebook-0 tokens
+    unet_channels: tuple = (64, 64, 128)  # diffusers UNet1D block widths
+    train_timesteps: int = 1000
+
+
+class Stage2Diffusion(nn.Module):
+    """A diffusers 1-D UNet that denoises the codec latent given the codebook-0 tokens at the same frame rate.
+
+    Target: the latent the codec's quantizer decodes from all stored codebooks, sum_k codebook_k[codes_k],
+    normalized per channel with statistics kept as buffers (so they travel in the checkpoint); the codebooks
+    are kept as a frozen buffer too, to build targets and to quantize generated latents back to tokens.
+    Objective: v-prediction (v = alpha_t * noise - sigma_t * x0), which stays well scaled at both ends of the
+    noise schedule and suits samplers with few steps. forward(codes) -> (None, loss), like the LM, so
+    train.py trains it unchanged.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        from diffusers import DDPMScheduler, UNet1DModel
+        self.config = cfg
+        K, V, D = cfg.n_codebooks, cfg.codebook_size, cfg.latent_dim
+        self.register_buffer("codebooks", torch.zeros(K, V, D))  # set from the codec by set_codec
+        self.register_buffer("mean", torch.zeros(D))
+        self.register_buffer("std", torch.ones(D))
+        self.cond = nn.Embedding(V + 1, cfg.cond_dim)
+        time_dim = 16  # Fourier features of the timestep, fed to the UNet as extra input channels
+        self.unet = UNet1DModel(in_channels=D + cfg.cond_dim, out_channels=D, extra_in_channels=time_dim,
+                                time_embedding_dim=time_dim, block_out_channels=tuple(cfg.unet_channels),
+                                time_embedding_type="fourier", flip_sin_to_cos=True, use_timestep_embedding=False,
+                                norm_num_groups=8, layers_per_block=1)
+        self.multiple = 2 ** (len(cfg.unet_channels) + 1)  # the UNet halves the length this many times
+        self.noise = DDPMScheduler(num_train_timesteps=cfg.train_timesteps, prediction_type="v_prediction")
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def set_codec(self, codebooks, codes):
+        """codebooks (K, V, D) from the codec's quantizer; codes (K, frames): a sample of the data, for the
+        per-channel mean and std of its latent."""
+        self.codebooks.copy_(codebooks)
+        latent = self.latent(codes[None])[0]  # (D, frames)
+        self.mean.copy_(latent.mean(1))
+        self.std.copy_(latent.std(1).clamp(min=1e-5))
+
+    def latent(self, codes):
+        """codes (B, K, T) -> the codec latent (B, D, T), unnormalized."""
+        return sum(self.codebooks[k][codes[:, k]] for k in range(codes.shape[1])).transpose(1, 2)
+
+    def denoise(self, x, t, tokens):
+        """The UNet's v estimate for noisy normalized latents x (B, D, T) at integer timesteps t (B,)."""
+        T = x.shape[-1]
+        pad = max(2 * self.multiple, -(-T // self.multiple) * self.multiple) - T  # a length the UNet can halve
+        h = torch.cat([x, self.cond(tokens).transpose(1, 2)], dim=1)  # (B, D + cond_dim, T)
+        h = F.pad(h, (0, pad))
+        return self.unet(h, t.float() / self.config.train_timesteps).sample[..., :T]
+
+    def forward(self, codes, generator=None):
+        """codes (B, K, T): all stored codebooks of a crop -> (None, diffusion loss)."""
+        x0 = (self.latent(codes) - self.mean[:, None]) / self.std[:, None]
+        B = x0.shape[0]
+        t = torch.randint(0, self.config.train_timesteps, (B,), generator=generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        xt = self.noise.add_noise(x0, noise, t)
+        v = self.noise.get_velocity(x0, noise, t)
+        return None, F.mse_loss(self.denoise(xt, t, codes[:, 0]), v)
+
+    @torch.no_grad()
+    def sample(self, tokens, steps=25, generator=None):
+        """Codebook-0 tokens (B, T) -> a latent (B, D, T) for any T, with DPM-Solver++ in `steps` steps."""
+        from diffusers import DPMSolverMultistepScheduler
+        solver = DPMSolverMultistepScheduler(num_train_timesteps=self.config.train_timesteps,
+                                             prediction_type="v_prediction", algorithm_type="dpmsolver++")
+        solver.set_timesteps(steps)
+        B, T = tokens.shape
+        x = torch.randn(B, self.config.latent_dim, T, generator=generator).to(tokens.device)
+        for t in solver.timesteps:
+            v = self.denoise(x, t.expand(B).to(tokens.device), tokens)
+            x = solver.step(v, t, x).prev_sample
+        return x * self.std[:, None] + self.mean[:, None]
+
+    @torch.no_grad()
+    def quantize(self, latent):
+        """A latent (B, D, T) -> codes (B, K, T) by residual quantization with the codec's codebooks."""
+        residual = latent.transpose(1, 2)  # (B, T, D)
+        codes = []
+        for book in self.codebooks:
+            idx = torch.cdist(residual, book[None].expand(residual.shape[0], -1, -1)).argmin(-1)  # (B, T)
+            residual = residual - book[idx]
+            codes.append(idx)
+        return torch.stack(codes, 1)

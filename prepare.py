@@ -199,6 +199,22 @@ def load_codec(kind="encodec", ckpt=None, bandwidth=6.0, device="cpu"):
     return model.to(device).eval(), pretrained
 
 
+def load_dataset_codec(codec_meta, root, device="cpu"):
+    """The codec a dataset was encoded with (meta.json's "codec" entry, the dataset folder): the pretrained EnCodec,
+    or the untrained one whose weights prepare.py saved beside the data."""
+    if codec_meta["pretrained"]:
+        codec, pretrained = load_codec("encodec", None, codec_meta["bandwidth"], device)
+        if not pretrained:
+            sys.exit("the data was encoded with the pretrained EnCodec, whose weights cannot be loaded here")
+        return codec
+    path = os.path.join(root, codec_meta["checkpoint"])
+    if not os.path.isfile(path):
+        sys.exit(f"the untrained codec of the data is missing: {path}")
+    codec, _ = load_codec("untrained", None, codec_meta["bandwidth"], device)  # repeats the warning
+    codec.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return codec.to(device).eval()
+
+
 def warn_untrained_codec():
     print("\n" + "!" * 78 + "\n!! WARNING: EnCodec is UNTRAINED (no pretrained weights here). Its tokens are\n"
           "!! fine for testing training code, but decoded audio will NOT be meaningful music.\n"

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from configurator import configure
-from model import ModelConfig, MusicLM
+from model import ModelConfig, MusicLM, Stage2Config, Stage2Diffusion
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the training run: reads out_dir/ckpt.pt
@@ -39,7 +39,8 @@ batch_size = 8
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "float32"
 overwrite = False
-stage2_dir = ""  # two-stage: a stage-2 diffusion run (not available yet)
+stage2_dir = ""  # two-stage: a stage-2 diffusion run (train.py configs/stage2_diffusion.py); out_dir is then stage 1
+stage2_steps = 25  # DPM-Solver++ steps
 # -----------------------------------------------------------------------------
 
 
@@ -70,36 +71,20 @@ def slug(text, n=48):
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n].strip("-") or "prompt"
 
 
-def load_model(ckpt_path, device, dtype):
-    """-> (model, checkpoint without its weights)."""
+def load_model(ckpt_path, device, dtype, stage2=False):
+    """-> (model, checkpoint without its weights): the LM, or with stage2=True the stage-2 diffusion model."""
     if not os.path.isfile(ckpt_path):
-        sys.exit(f"sample.py: no checkpoint at {ckpt_path}; train one or set --out_dir")
+        sys.exit(f"sample.py: no checkpoint at {ckpt_path}; train one or set --{'stage2_dir' if stage2 else 'out_dir'}")
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        model = MusicLM(ModelConfig(**ckpt["model_args"]))
+        model = (Stage2Diffusion(Stage2Config(**ckpt["model_args"])) if stage2 else
+                 MusicLM(ModelConfig(**ckpt["model_args"])))
         model.load_state_dict(ckpt["model"])
     except Exception as e:
         sys.exit(f"sample.py: cannot read the checkpoint {ckpt_path}: {str(e).splitlines()[0][:200]}")
     ckpt.pop("model")
     ckpt.pop("optimizer", None)
     return model.to(device, getattr(torch, dtype)).eval(), ckpt
-
-
-def load_decoder(ckpt, device):
-    """The codec the training data was encoded with: pretrained EnCodec, or the untrained one saved with the data."""
-    import prepare
-    meta, config = ckpt["data_meta"]["codec"], ckpt["config"]
-    if meta["pretrained"]:
-        codec, pretrained = prepare.load_codec("encodec", None, meta["bandwidth"], device)
-        if not pretrained:
-            sys.exit("sample.py: the model was trained on pretrained EnCodec tokens, whose weights cannot be loaded here")
-        return codec
-    path = os.path.join(config["data_dir"], config["dataset"], meta["checkpoint"])
-    if not os.path.isfile(path):
-        sys.exit(f"sample.py: the untrained codec of the training data is missing: {path}")
-    codec, _ = prepare.load_codec("untrained", None, meta["bandwidth"], device)  # repeats the warning
-    codec.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return codec.to(device).eval()
 
 
 def write_wav(path, wav, sample_rate):
@@ -113,11 +98,15 @@ def main(argv):
     config = configure(globals(), argv, "sample.py")
     if seconds <= 0:
         sys.exit(f"sample.py: --seconds={seconds} must be positive")
-    if stage2_dir:
-        sys.exit("sample.py: --stage2_dir: the two-stage diffusion model is not implemented yet (issue 7)")
     prompts = read_prompts(prompt, prompts_file)
     model, ckpt = load_model(os.path.join(out_dir, "ckpt.pt"), device, dtype)
     data_meta = ckpt["data_meta"]
+    stage2 = None
+    if stage2_dir:
+        stage2, _ = load_model(os.path.join(stage2_dir, "ckpt.pt"), device, "float32", stage2=True)
+        if model.config.n_codebooks != 1:
+            sys.exit(f"sample.py: --stage2_dir needs a stage-1 model of codebook 0 only (configs/two_stage_simba.py); "
+                     f"{out_dir} writes {model.config.n_codebooks} codebooks")
     sr, frame_rate = data_meta["codec"]["sample_rate"], data_meta["codec"]["frame_rate"]
     steps = max(1, round(seconds * frame_rate))
     out = Path(samples_dir or os.path.join(out_dir, "samples"))
@@ -131,9 +120,10 @@ def main(argv):
 
     import prepare
     embed, _ = prepare.load_text_encoder(data_meta["text_encoder"]["name"], device)
-    codec = load_decoder(ckpt, device)
+    codec = prepare.load_dataset_codec(data_meta["codec"], os.path.join(ckpt["config"]["data_dir"], ckpt["config"]["dataset"]), device)
     out.mkdir(parents=True, exist_ok=True)
-    settings = dict(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p, dtype=dtype)
+    settings = dict(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p, dtype=dtype,
+                    stage2_dir=stage2_dir or None, stage2_steps=stage2_steps if stage2_dir else None)
     for b in range(0, len(jobs), batch_size):
         batch = jobs[b:b + batch_size]
         text, lengths = embed([p for p, _, _ in batch], data_meta["text_encoder"]["max_tokens"])
@@ -145,8 +135,16 @@ def main(argv):
         codes = model.generate(text, mask, steps, cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
                                generator=gen, progress=lambda r: tqdm(r, desc=f"batch {b // batch_size + 1}", leave=False))
         gen_time = time.time() - t0
+        t1 = time.time()
         with torch.no_grad():
-            wavs = codec.decode([(codes, None)])[:, 0, :round(seconds * sr)].float().cpu().numpy()  # (B, samples)
+            if stage2 is None:  # the codec decodes the LM's codebooks
+                wavs = codec.decode([(codes, None)])
+            else:  # two-stage: codebook 0 -> the full latent by diffusion -> the codec's decoder
+                wavs = codec.decoder(stage2.sample(codes[:, 0], stage2_steps, generator=gen))
+            wavs = wavs[:, 0, :round(seconds * sr)].float().cpu().numpy()  # (B, samples)
+        if stage2 is not None:
+            print(f"sample.py: stage 2: {stage2_steps} steps in {time.time() - t1:.2f} s "
+                  f"({(time.time() - t1) / (seconds * len(batch)):.3f} s per second of audio, decoding included)")
         print(f"sample.py: batch {b // batch_size + 1}: {len(batch)} x {steps} frames, "
               f"{(steps + model.config.n_codebooks - 1) / gen_time:.1f} steps/s, real-time factor "
               f"{gen_time / (seconds * len(batch)):.3f} ({gen_time:.1f} s for {seconds * len(batch):.1f} s of audio)")

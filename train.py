@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
-from model import ModelConfig, MusicLM, delay
+from model import ModelConfig, MusicLM, Stage2Config, Stage2Diffusion, codebook_losses, delay
 
 # -----------------------------------------------------------------------------
 # defaults; the paper's training settings (DESIGN.md, from the official code) where it has them
@@ -47,6 +47,7 @@ seq_len = 2250  # music frames per crop: 30 s at 75 Hz
 caption_dropout = 0.1
 word_dropout = 0.1
 # model: every ModelConfig key (the configs/ files set them); text_dim and max_text_len come from the data
+model_type = "lm"  # lm: the language model (MusicLM) | stage2: the two-stage design's diffusion model
 block = "simba"
 cond = "prefix"
 mixer = "mamba2"
@@ -63,6 +64,10 @@ dropout = 0.3
 n_codebooks = 4
 codebook_size = 1024
 label_smoothing = 0.1
+# stage 2 (model_type = "stage2"): Stage2Config keys; codebooks and latent size come from the data's codec
+cond_dim = 64
+unet_channels = (64, 64, 128)
+train_timesteps = 1000
 # optimizer: AdamW, linear warmup then cosine decay to min_lr_ratio x learning_rate
 learning_rate = 1e-4
 weight_decay = 0.02
@@ -109,6 +114,8 @@ if not os.path.exists(os.path.join(root, "meta.json")):
     sys.exit(f"train.py: no dataset at {root} (meta.json missing); run `python prepare.py` or set --dataset")
 meta = json.load(open(os.path.join(root, "meta.json")))
 codec, text_meta = meta["codec"], meta["text_encoder"]
+if model_type not in ("lm", "stage2"):
+    sys.exit(f"train.py: model_type={model_type!r}: expected 'lm' or 'stage2'")
 if n_codebooks > codec["n_codebooks"]:
     sys.exit(f"train.py: n_codebooks={n_codebooks} but {root} stores {codec['n_codebooks']}")
 if codebook_size != codec["codebook_size"]:
@@ -132,9 +139,18 @@ data_gen = torch.Generator().manual_seed(seed + rank)  # the training batches' r
 
 
 def get_batch(split, gen, drop_text=False):
-    """-> model kwargs: codes, targets (B, K, seq_len + K - 1) delayed; text (B, T, dim); text_mask (B, T)."""
+    """-> model kwargs: codes, targets (B, K, seq_len + K - 1) delayed; text (B, T, dim); text_mask (B, T).
+    Stage 2: codes (B, all stored codebooks, T), crops of seq_len frames or of the shortest chosen clip."""
     d = splits[split]
     idx = torch.randint(len(d["clips"]), (batch_size,), generator=gen).tolist()
+    if model_type == "stage2":
+        n = min(seq_len, *(int(d["clips"][i][1]) for i in idx))
+        crops = []
+        for i in idx:
+            offset, length = (int(x) for x in d["clips"][i])
+            start = offset + int(torch.randint(length - n + 1, (1,), generator=gen))
+            crops.append(torch.from_numpy(d["codes"][:, start:start + n].astype(np.int64)))
+        return dict(codes=torch.stack(crops).to(device))
     crops = torch.full((batch_size, n_codebooks, seq_len), codebook_size, dtype=torch.long)  # special = padding
     for b, i in enumerate(idx):
         offset, length = (int(x) for x in d["clips"][i])
@@ -158,9 +174,12 @@ def get_batch(split, gen, drop_text=False):
 if master:
     os.makedirs(out_dir, exist_ok=True)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
-model_keys = {f.name for f in fields(ModelConfig)} - {"text_dim", "max_text_len"}
-model_args = {k: config[k] for k in model_keys}
-model_args.update(text_dim=text_meta["dim"], max_text_len=text_meta["max_tokens"])
+if model_type == "lm":
+    model_args = {f.name: config[f.name] for f in fields(ModelConfig) if f.name not in ("text_dim", "max_text_len")}
+    model_args.update(text_dim=text_meta["dim"], max_text_len=text_meta["max_tokens"])
+else:
+    model_args = dict(cond_dim=cond_dim, unet_channels=unet_channels, train_timesteps=train_timesteps,
+                      codebook_size=codebook_size, n_codebooks=codec["n_codebooks"])
 iter_num, best_val_loss, tokens_seen, flops_seen = 0, float("inf"), 0, 0.0
 checkpoint = None
 if init_from == "resume":
@@ -172,10 +191,21 @@ if init_from == "resume":
     tokens_seen, flops_seen = checkpoint["tokens_seen"], checkpoint["flops_seen"]
 elif init_from != "scratch":
     sys.exit(f"train.py: init_from={init_from!r}: expected 'scratch' or 'resume'")
-model = MusicLM(ModelConfig(**model_args)).to(device)
+if model_type == "lm":
+    model = MusicLM(ModelConfig(**model_args)).to(device)
+    positions = seq_len + n_codebooks - 1  # per crop, after the delay pattern
+    flops_per_token = model.estimate_flops_per_token(positions)
+else:
+    model = Stage2Diffusion(Stage2Config(**model_args)).to(device)
+    positions = seq_len
+    flops_per_token = 6 * model.num_params()  # the 6N rule: an upper bound for a UNet, whose deeper levels run shorter
+    if not checkpoint:  # the codec's codebooks and the latent statistics of the training data
+        from prepare import load_dataset_codec
+        books = load_dataset_codec(codec, root).quantizer.vq.layers
+        model.set_codec(torch.stack([layer._codebook.embed for layer in books[:codec["n_codebooks"]]]).to(device),
+                        torch.from_numpy(splits["train"]["codes"][:, :100_000].astype(np.int64)).to(device))
 if checkpoint:
     model.load_state_dict(checkpoint["model"])
-flops_per_token = model.estimate_flops_per_token(seq_len + n_codebooks - 1)
 
 decay = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d))]
 decay_ids = {id(p) for p in decay}  # matrices; never A_log, D, dt bias, norms, biases, embeddings
@@ -207,23 +237,33 @@ def get_lr(it):
     return learning_rate * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * ratio)))
 
 
+METRICS = (["val_loss", "val_loss_notext", "text_gain"] + [f"val_loss_cb{k}" for k in range(n_codebooks)]
+           if model_type == "lm" else ["val_loss"])
+
+
 @torch.no_grad()
 def evaluate():
-    """Mean val loss and per-codebook val loss over eval_iters fixed batches, with and without the caption."""
-    from model import codebook_losses
+    """-> {metric: value} over eval_iters fixed val batches. LM: the loss (mean and per codebook) with the
+    caption and without it, and their difference, the text gain. Stage 2: the diffusion loss."""
     model.eval()
-    out = {}
+    if model_type == "stage2":
+        gen = torch.Generator().manual_seed(seed)  # the same batches, timesteps and noise every time
+        loss = sum(raw_model(**get_batch("val", gen), generator=gen)[1].item() for _ in range(eval_iters))
+        model.train()
+        return dict(val_loss=loss / eval_iters)
+    per_cb = {}
     for drop_text in (False, True):
-        gen = torch.Generator().manual_seed(seed)  # the same val batches every time
-        per_cb = torch.zeros(n_codebooks)
+        gen = torch.Generator().manual_seed(seed)
+        per_cb[drop_text] = torch.zeros(n_codebooks)
         for _ in range(eval_iters):
             batch = get_batch("val", gen, drop_text)
             with autocast:
                 logits, _ = raw_model(batch["codes"], batch["text"], batch["text_mask"])
-            per_cb += codebook_losses(logits, batch["targets"]).cpu() / eval_iters
-        out["notext" if drop_text else "text"] = per_cb
+            per_cb[drop_text] += codebook_losses(logits, batch["targets"]).cpu() / eval_iters
     model.train()
-    return out
+    val, val_notext = per_cb[False].mean().item(), per_cb[True].mean().item()
+    return dict(val_loss=val, val_loss_notext=val_notext, text_gain=val_notext - val,
+                **{f"val_loss_cb{k}": v for k, v in enumerate(per_cb[False].tolist())})
 
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12,
@@ -251,12 +291,12 @@ def save_checkpoint(path):
 # -----------------------------------------------------------------------------
 # the loop
 log_path = os.path.join(out_dir, "log.csv")
-columns = (["iter", "tokens_seen", "flops_seen", "lr", "train_loss", "val_loss", "val_loss_notext", "text_gain"]
-           + [f"val_loss_cb{k}" for k in range(n_codebooks)] + ["tokens_per_s", "mfu", "peak_mem_MB"])
+columns = ["iter", "tokens_seen", "flops_seen", "lr", "train_loss", *METRICS, "tokens_per_s", "mfu", "peak_mem_MB"]
 if master and (init_from == "scratch" or not os.path.exists(log_path)):
     with open(log_path, "w", newline="") as f:
         csv.writer(f).writerow(columns)
-tokens_per_iter = batch_size * (seq_len + n_codebooks - 1) * gradient_accumulation_steps * world_size
+tokens_per_iter = batch_size * positions * gradient_accumulation_steps * world_size
+train_kwargs = dict(label_smoothing=label_smoothing) if model_type == "lm" else {}
 train_losses, t_window, tokens_window = [], time.time(), 0
 if master:
     print(f"train.py: {raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter} tokens per iteration, "
@@ -266,17 +306,17 @@ while True:
     for group in optimizer.param_groups:
         group["lr"] = lr
     if iter_num % eval_interval == 0 and master:
-        losses = evaluate()
-        val, val_notext = losses["text"].mean().item(), losses["notext"].mean().item()
+        metrics = evaluate()
         elapsed = time.time() - t_window
         tokens_per_s = tokens_window / elapsed if tokens_window else None
         train_loss = sum(train_losses) / len(train_losses) if train_losses else None
         peak = torch.cuda.max_memory_allocated() / 2**20 if device_type == "cuda" else None
-        print(f"iter {iter_num}: val loss {val:.4f}, without text {val_notext:.4f}, text gain {val_notext - val:+.4f}"
-              + (f", train loss {train_loss:.4f}" if train_loss else ""))
-        best_val_loss = min(best_val_loss, val)
-        row = [iter_num, tokens_seen, flops_seen, lr, train_loss, val, val_notext, val_notext - val,
-               *losses["text"].tolist(), tokens_per_s, mfu(tokens_per_s) if tokens_per_s else None, peak]
+        print(f"iter {iter_num}: val loss {metrics['val_loss']:.4f}"
+              + (f", without text {metrics['val_loss_notext']:.4f}, text gain {metrics['text_gain']:+.4f}"
+                 if model_type == "lm" else "") + (f", train loss {train_loss:.4f}" if train_loss else ""))
+        best_val_loss = min(best_val_loss, metrics["val_loss"])
+        row = [iter_num, tokens_seen, flops_seen, lr, train_loss, *metrics.values(), tokens_per_s,
+               mfu(tokens_per_s) if tokens_per_s else None, peak]
         with open(log_path, "a", newline="") as f:
             csv.writer(f).writerow(["" if v is None else f"{v:.6g}" if isinstance(v, float) else v for v in row])
         save_checkpoint(ckpt_path)
@@ -290,7 +330,7 @@ while True:
         if ddp:  # average gradients across processes only after the last micro-step
             model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
         with autocast:
-            _, loss = model(**batch, label_smoothing=label_smoothing)
+            _, loss = model(**batch, **train_kwargs)
             loss = loss / gradient_accumulation_steps
         loss.backward()
         total += loss.item()

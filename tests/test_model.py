@@ -169,7 +169,8 @@ def test_flops_estimate_matches_flop_counter(name, monkeypatch):
     assert m.estimate_flops_per_token(S) == pytest.approx(sum(est.values()))
 
 
-@pytest.mark.parametrize("path", sorted(p for p in CONFIGS.glob("*.py") if p.name != "tiny.py"), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted(p for p in CONFIGS.glob("*.py") if p.name not in ("tiny.py", "stage2_diffusion.py")),
+                         ids=lambda p: p.stem)
 def test_paper_configs_have_300M_params(path):
     with torch.device("meta"):
         m = MusicLM(read_config(path, text_dim=768))  # FLAN-T5-base text states, as the paper
@@ -210,3 +211,20 @@ def test_bad_config_and_inputs_name_the_key():
         m(seq, text[..., :5], mask)
     with pytest.raises(ValueError, match="text_mask"):
         m(seq, text, mask[:, :2])
+
+
+def test_stage2_diffusion_shapes_loss_and_quantize():
+    torch.manual_seed(0)
+    cfg = model.Stage2Config(codebook_size=V, n_codebooks=3, latent_dim=8, cond_dim=8, unet_channels=(32, 32, 64))
+    m = model.Stage2Diffusion(cfg)
+    books = torch.randn(3, V, 8) * torch.tensor([4.0, 1.0, 0.25])[:, None, None]  # residual codebooks shrink
+    codes = torch.randint(0, V, (3, 500))
+    m.set_codec(books, codes)
+    latent = m.latent(codes[None])[0]  # (8, 500): the sum of the three codebooks' rows
+    assert torch.allclose(latent[:, 7], books[0, codes[0, 7]] + books[1, codes[1, 7]] + books[2, codes[2, 7]])
+    assert torch.allclose(m.mean, latent.mean(1)) and torch.allclose(m.std, latent.std(1))
+    assert (m.quantize(latent[None])[0, 0] == codes[0]).float().mean() > 0.9  # coarse codes come back
+    _, loss = m(torch.randint(0, V, (2, 3, 21)))
+    assert loss.ndim == 0 and loss.requires_grad and 0.1 < loss.item() < 10
+    for T in (1, 21, 64):  # any length, padded inside to the UNet's multiple
+        assert m.sample(torch.randint(0, V, (2, T)), steps=2).shape == (2, 8, T)

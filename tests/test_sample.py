@@ -19,16 +19,40 @@ GENERATE = model.MusicLM.generate
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("run")
+def data_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("data")
     prepare.prepare(prepare.parse_args([f"--data_dir={tmp}", "--name=tiny", "--synth_songs=4", "--synth_seconds=2",
                                         "--clip_seconds=2", "--min_seconds=1", "--codec=untrained",
                                         "--max_text_tokens=16"]))
-    r = subprocess.run([sys.executable, "train.py", "configs/prefix_simba.py", "configs/tiny.py", f"--data_dir={tmp}",
-                        "--dataset=tiny", f"--out_dir={tmp / 'out'}", "--seq_len=48", "--batch_size=4", "--max_iters=4",
-                        "--eval_interval=4", "--eval_iters=1"], cwd=ROOT, capture_output=True, text=True)
+    return tmp
+
+
+def train(data_dir, out, *configs):
+    r = subprocess.run([sys.executable, "train.py", *configs, f"--data_dir={data_dir}", "--dataset=tiny",
+                        f"--out_dir={out}", "--seq_len=48", "--batch_size=4", "--max_iters=4", "--eval_interval=4",
+                        "--eval_iters=1", "--gradient_accumulation_steps=1"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    return tmp / "out"
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(data_dir):
+    return train(data_dir, data_dir / "out", "configs/prefix_simba.py", "configs/tiny.py")
+
+
+def test_two_stage_writes_wav_files(data_dir, run_dir, tmp_path, monkeypatch):
+    stage1 = train(data_dir, tmp_path / "stage1", "configs/two_stage_simba.py", "configs/tiny.py")
+    stage2 = train(data_dir, tmp_path / "stage2", "configs/stage2_diffusion.py", "--unet_channels=(32,32,64)",
+                   "--cond_dim=16")
+    run_sample(stage1, tmp_path / "samples", f"--prompt={PROMPTS[0]}", "--seconds=1.0", f"--stage2_dir={stage2}",
+               "--stage2_steps=3", monkeypatch=monkeypatch)
+    wav, sr = sf.read(tmp_path / "samples" / f"{sample.slug(PROMPTS[0])}_0.wav")
+    assert sr == 24000 and abs(len(wav) / sr - 1.0) <= 1 / 75 and np.abs(wav).max() > 0
+    row = json.loads((tmp_path / "samples" / "index.jsonl").read_text())
+    assert row["stage2_steps"] == 3 and row["stage2_dir"] == str(stage2)
+    with pytest.raises(SystemExit, match="codebook 0 only"):  # a 4-codebook LM cannot feed stage 2
+        run_sample(run_dir, tmp_path / "other", f"--prompt={PROMPTS[0]}", f"--stage2_dir={stage2}",
+                   monkeypatch=monkeypatch)
 
 
 def run_sample(run_dir, out, *argv, capture=None, monkeypatch=None):
@@ -91,7 +115,7 @@ def test_cfg_1_is_the_conditional_model_alone(run_dir, tmp_path, monkeypatch):
     (["--prompt=x", "--out_dir=/no/such/run"], "no checkpoint at /no/such/run/ckpt.pt"),
     (["--prompts_file=BAD_JSON"], "does not parse"),
     (["--prompts_file=/no/such/file.txt"], "does not exist"),
-    (["--prompt=x", "--stage2_dir=somewhere"], "not implemented yet"),
+    (["--prompt=x", "--stage2_dir=/no/such/run"], "no checkpoint at /no/such/run/ckpt.pt"),
     (["--prompt=x", "--out_dir=BROKEN"], "cannot read the checkpoint"),
 ])
 def test_bad_inputs_one_line_and_nothing_written(run_dir, tmp_path, argv, message):

@@ -55,6 +55,19 @@ def test_every_variant_learns(data_dir, tmp_path, variant):
     assert {"model", "optimizer", "config", "data_meta", "tokens_seen", "flops_seen", "best_val_loss", "rng"} <= set(ckpt)
 
 
+def test_stage2_trains_through_the_same_loop(data_dir, tmp_path):
+    r = train(data_dir, tmp_path, "configs/stage2_diffusion.py", "--unet_channels=(32,32,64)", "--cond_dim=16",
+              "--seq_len=32", "--batch_size=8", "--max_iters=40", "--eval_interval=20", "--eval_iters=2",
+              "--learning_rate=2e-3", "--warmup_iters=5", "--gradient_accumulation_steps=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = log_rows(tmp_path)
+    assert list(rows[0])[5] == "val_loss" and "text_gain" not in rows[0]
+    assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"]) - 0.2
+    assert float(rows[-1]["train_loss"]) < float(rows[1]["train_loss"])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["model"]["codebooks"].shape == (8, 1024, 128) and ckpt["model"]["codebooks"].abs().sum() > 0
+
+
 def test_resume_is_exact(data_dir, tmp_path):
     argv = ["configs/prefix_simba.py", "configs/tiny.py", *FAST, "--dropout=0.1", "--eval_interval=6",
             "--caption_dropout=0.3", "--word_dropout=0.2"]
