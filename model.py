@@ -574,7 +574,6 @@ class Stage2Config:
     codebook_size: int = 1024
     n_codebooks: int = 8                # codebooks whose embeddings sum to the target latent (all stored ones)
     latent_dim: int = 128               # EnCodec 24 kHz: 128 channels at 75 Hz
-    cond_dim: int = 64                  # width of the embedded codebook-0 tokens
     unet_channels: tuple = (64, 64, 128)  # diffusers UNet1D block widths
     train_timesteps: int = 1000
 
@@ -582,9 +581,13 @@ class Stage2Config:
 class Stage2Diffusion(nn.Module):
     """A diffusers 1-D UNet that denoises the codec latent given the codebook-0 tokens at the same frame rate.
 
-    Target: the latent the codec's quantizer decodes from all stored codebooks, sum_k codebook_k[codes_k],
-    normalized per channel with statistics kept as buffers (so they travel in the checkpoint); the codebooks
-    are kept as a frozen buffer too, to build targets and to quantize generated latents back to tokens.
+    The tokens are embedded with the codec's own codebook 0, giving the coarse latent; what diffuses is the
+    residual the finer codebooks add to it, so the coarse part is always exact and the model learns only the rest.
+
+    Target: the latent the codec's quantizer decodes from all stored codebooks, sum_k codebook_k[codes_k], minus
+    the coarse latent; residual and condition are normalized per channel with statistics kept as buffers (so
+    they travel in the checkpoint); the codebooks are a frozen buffer too, to build targets and to quantize
+    generated latents back to tokens.
     Objective: v-prediction (v = alpha_t * noise - sigma_t * x0), which stays well scaled at both ends of the
     noise schedule and suits samplers with few steps. forward(codes) -> (None, loss), like the LM, so
     train.py trains it unchanged.
@@ -596,15 +599,19 @@ class Stage2Diffusion(nn.Module):
         self.config = cfg
         K, V, D = cfg.n_codebooks, cfg.codebook_size, cfg.latent_dim
         self.register_buffer("codebooks", torch.zeros(K, V, D))  # set from the codec by set_codec
-        self.register_buffer("mean", torch.zeros(D))
+        self.register_buffer("mean", torch.zeros(D))  # of the residual
         self.register_buffer("std", torch.ones(D))
-        self.cond = nn.Embedding(V + 1, cfg.cond_dim)
+        self.register_buffer("cond_mean", torch.zeros(D))  # of the coarse latent
+        self.register_buffer("cond_std", torch.ones(D))
         time_dim = 16  # Fourier features of the timestep, fed to the UNet as extra input channels
-        self.unet = UNet1DModel(in_channels=D + cfg.cond_dim, out_channels=D, extra_in_channels=time_dim,
+        self.unet = UNet1DModel(in_channels=2 * D, out_channels=D, extra_in_channels=time_dim,
                                 time_embedding_dim=time_dim, block_out_channels=tuple(cfg.unet_channels),
                                 time_embedding_type="fourier", flip_sin_to_cos=True, use_timestep_embedding=False,
                                 norm_num_groups=8, layers_per_block=1)
         self.multiple = 2 ** (len(cfg.unet_channels) + 1)  # the UNet halves the length this many times
+        # the UNet's first block halves the frame rate before anything else; frame-level detail (what each token
+        # adds) takes this full-rate path: a width-3 convolution over the same input, added to the UNet's output
+        self.frame_path = nn.Conv1d(2 * D, D, 3, padding=1)
         self.noise = DDPMScheduler(num_train_timesteps=cfg.train_timesteps, prediction_type="v_prediction")
 
     def num_params(self):
@@ -615,9 +622,11 @@ class Stage2Diffusion(nn.Module):
         """codebooks (K, V, D) from the codec's quantizer; codes (K, frames): a sample of the data, for the
         per-channel mean and std of its latent."""
         self.codebooks.copy_(codebooks)
-        latent = self.latent(codes[None])[0]  # (D, frames)
-        self.mean.copy_(latent.mean(1))
-        self.std.copy_(latent.std(1).clamp(min=1e-5))
+        coarse = self.latent(codes[None, :1])[0]  # (D, frames)
+        residual = self.latent(codes[None])[0] - coarse
+        for mean, std, x in ((self.mean, self.std, residual), (self.cond_mean, self.cond_std, coarse)):
+            mean.copy_(x.mean(1))
+            std.copy_(x.std(1).clamp(min=1e-5))
 
     def latent(self, codes):
         """codes (B, K, T) -> the codec latent (B, D, T), unnormalized."""
@@ -627,13 +636,13 @@ class Stage2Diffusion(nn.Module):
         """The UNet's v estimate for noisy normalized latents x (B, D, T) at integer timesteps t (B,)."""
         T = x.shape[-1]
         pad = max(2 * self.multiple, -(-T // self.multiple) * self.multiple) - T  # a length the UNet can halve
-        h = torch.cat([x, self.cond(tokens).transpose(1, 2)], dim=1)  # (B, D + cond_dim, T)
-        h = F.pad(h, (0, pad))
-        return self.unet(h, t.float() / self.config.train_timesteps).sample[..., :T]
+        coarse = (self.latent(tokens[:, None]) - self.cond_mean[:, None]) / self.cond_std[:, None]  # (B, D, T)
+        h = torch.cat([x, coarse], dim=1)  # (B, 2D, T)
+        return self.unet(F.pad(h, (0, pad)), t.float() / self.config.train_timesteps).sample[..., :T] + self.frame_path(h)
 
     def forward(self, codes, generator=None):
         """codes (B, K, T): all stored codebooks of a crop -> (None, diffusion loss)."""
-        x0 = (self.latent(codes) - self.mean[:, None]) / self.std[:, None]
+        x0 = (self.latent(codes) - self.latent(codes[:, :1]) - self.mean[:, None]) / self.std[:, None]  # residual
         B = x0.shape[0]
         t = torch.randint(0, self.config.train_timesteps, (B,), generator=generator).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
@@ -653,7 +662,7 @@ class Stage2Diffusion(nn.Module):
         for t in solver.timesteps:
             v = self.denoise(x, t.expand(B).to(tokens.device), tokens)
             x = solver.step(v, t, x).prev_sample
-        return x * self.std[:, None] + self.mean[:, None]
+        return self.latent(tokens[:, None]) + x * self.std[:, None] + self.mean[:, None]
 
     @torch.no_grad()
     def quantize(self, latent):

@@ -65,7 +65,6 @@ n_codebooks = 4
 codebook_size = 1024
 label_smoothing = 0.1
 # stage 2 (model_type = "stage2"): Stage2Config keys; codebooks and latent size come from the data's codec
-cond_dim = 64
 unet_channels = (64, 64, 128)
 train_timesteps = 1000
 # optimizer: AdamW, linear warmup then cosine decay to min_lr_ratio x learning_rate
@@ -178,7 +177,7 @@ if model_type == "lm":
     model_args = {f.name: config[f.name] for f in fields(ModelConfig) if f.name not in ("text_dim", "max_text_len")}
     model_args.update(text_dim=text_meta["dim"], max_text_len=text_meta["max_tokens"])
 else:
-    model_args = dict(cond_dim=cond_dim, unet_channels=unet_channels, train_timesteps=train_timesteps,
+    model_args = dict(unet_channels=unet_channels, train_timesteps=train_timesteps,
                       codebook_size=codebook_size, n_codebooks=codec["n_codebooks"])
 iter_num, best_val_loss, tokens_seen, flops_seen = 0, float("inf"), 0, 0.0
 checkpoint = None

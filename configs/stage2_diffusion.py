@@ -4,7 +4,6 @@
 #   python train.py configs/stage2_diffusion.py
 out_dir = "out-stage2-diffusion"
 model_type = "stage2"
-cond_dim = 128
 unet_channels = (128, 256, 512)
 train_timesteps = 1000
 seq_len = 750  # 10 s crops (the UNet is convolutional: it samples any length)

@@ -215,14 +215,18 @@ def test_bad_config_and_inputs_name_the_key():
 
 def test_stage2_diffusion_shapes_loss_and_quantize():
     torch.manual_seed(0)
-    cfg = model.Stage2Config(codebook_size=V, n_codebooks=3, latent_dim=8, cond_dim=8, unet_channels=(32, 32, 64))
+    cfg = model.Stage2Config(codebook_size=V, n_codebooks=3, latent_dim=8, unet_channels=(32, 32, 64))
     m = model.Stage2Diffusion(cfg)
     books = torch.randn(3, V, 8) * torch.tensor([4.0, 1.0, 0.25])[:, None, None]  # residual codebooks shrink
     codes = torch.randint(0, V, (3, 500))
     m.set_codec(books, codes)
     latent = m.latent(codes[None])[0]  # (8, 500): the sum of the three codebooks' rows
     assert torch.allclose(latent[:, 7], books[0, codes[0, 7]] + books[1, codes[1, 7]] + books[2, codes[2, 7]])
-    assert torch.allclose(m.mean, latent.mean(1)) and torch.allclose(m.std, latent.std(1))
+    residual = latent - books[0][codes[0]].T  # what stage 2 generates: all but the coarse codebook
+    assert torch.allclose(m.mean, residual.mean(1), atol=1e-5) and torch.allclose(m.std, residual.std(1), atol=1e-5)
+    tokens = codes[:1, :40].expand(2, -1)
+    sampled = m.sample(tokens, steps=3)  # the coarse latent of the tokens plus a generated residual
+    assert (m.quantize(sampled)[:, 0] == tokens).float().mean() > 0.9
     assert (m.quantize(latent[None])[0, 0] == codes[0]).float().mean() > 0.9  # coarse codes come back
     _, loss = m(torch.randint(0, V, (2, 3, 21)))
     assert loss.ndim == 0 and loss.requires_grad and 0.1 < loss.item() < 10

@@ -43,7 +43,7 @@ def run_dir(data_dir):
 def test_two_stage_writes_wav_files(data_dir, run_dir, tmp_path, monkeypatch):
     stage1 = train(data_dir, tmp_path / "stage1", "configs/two_stage_simba.py", "configs/tiny.py")
     stage2 = train(data_dir, tmp_path / "stage2", "configs/stage2_diffusion.py", "--unet_channels=(32,32,64)",
-                   "--cond_dim=16")
+                  )
     run_sample(stage1, tmp_path / "samples", f"--prompt={PROMPTS[0]}", "--seconds=1.0", f"--stage2_dir={stage2}",
                "--stage2_steps=3", monkeypatch=monkeypatch)
     wav, sr = sf.read(tmp_path / "samples" / f"{sample.slug(PROMPTS[0])}_0.wav")

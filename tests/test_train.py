@@ -56,7 +56,7 @@ def test_every_variant_learns(data_dir, tmp_path, variant):
 
 
 def test_stage2_trains_through_the_same_loop(data_dir, tmp_path):
-    r = train(data_dir, tmp_path, "configs/stage2_diffusion.py", "--unet_channels=(32,32,64)", "--cond_dim=16",
+    r = train(data_dir, tmp_path, "configs/stage2_diffusion.py", "--unet_channels=(32,32,64)",
               "--seq_len=32", "--batch_size=8", "--max_iters=40", "--eval_interval=20", "--eval_iters=2",
               "--learning_rate=2e-3", "--warmup_iters=5", "--gradient_accumulation_steps=1")
     assert r.returncode == 0, r.stderr[-2000:]
