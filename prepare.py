@@ -169,7 +169,7 @@ def import_encodec():
         import torchaudio  # noqa: F401
     except Exception:
         sys.modules["torchaudio"] = types.ModuleType("torchaudio")
-        from encodec import EncodecModel
+        import encodec  # noqa: F401 (imports against the stand-in)
         del sys.modules["torchaudio"]  # so that other libraries (transformers) do not take it for the real one
     from encodec import EncodecModel
     return EncodecModel

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import evaluate
-import prepare
+from conftest import build_tiny_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,9 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def stage2_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
-    prepare.prepare(prepare.parse_args([f"--data_dir={tmp}", "--name=tiny", "--synth_songs=6", "--synth_seconds=2",
-                                        "--clip_seconds=2", "--min_seconds=1", "--codec=untrained",
-                                        "--max_text_tokens=8", "--val_fraction=0.34"]))
+    build_tiny_dataset(tmp, "--synth_songs=6", "--max_text_tokens=8", "--val_fraction=0.34")
     r = subprocess.run([sys.executable, "train.py", "configs/stage2_diffusion.py", "--unet_channels=(32,32,64)",
                         f"--data_dir={tmp}", "--dataset=tiny", f"--out_dir={tmp / 'stage2'}", "--seq_len=32",
                         "--batch_size=4", "--max_iters=3", "--eval_interval=3", "--eval_iters=1",

@@ -13,6 +13,7 @@ import torch
 import model
 import prepare
 import sample
+from conftest import build_tiny_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATE = model.MusicLM.generate
@@ -21,9 +22,7 @@ GENERATE = model.MusicLM.generate
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("data")
-    prepare.prepare(prepare.parse_args([f"--data_dir={tmp}", "--name=tiny", "--synth_songs=4", "--synth_seconds=2",
-                                        "--clip_seconds=2", "--min_seconds=1", "--codec=untrained",
-                                        "--max_text_tokens=16"]))
+    build_tiny_dataset(tmp, "--synth_songs=4", "--max_text_tokens=16")
     return tmp
 
 

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import prepare
+from conftest import build_tiny_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ["prefix_simba", "prefix_mamba", "cross_simba", "prefix_transformer", "cross_transformer", "two_stage_simba"]
@@ -19,9 +18,7 @@ FAST = ["--seq_len=48", "--batch_size=4", "--eval_iters=2", "--warmup_iters=5", 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("data")
-    prepare.prepare(prepare.parse_args([f"--data_dir={tmp}", "--name=tiny", "--synth_songs=16", "--synth_seconds=2",
-                                        "--clip_seconds=2", "--min_seconds=1", "--codec=untrained",
-                                        "--max_text_tokens=16", "--val_fraction=0.25"]))
+    build_tiny_dataset(tmp, "--synth_songs=16", "--max_text_tokens=16", "--val_fraction=0.25")
     return tmp
 
 
