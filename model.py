@@ -632,23 +632,25 @@ class Stage2Diffusion(nn.Module):
         """codes (B, K, T) -> the codec latent (B, D, T), unnormalized."""
         return sum(self.codebooks[k][codes[:, k]] for k in range(codes.shape[1])).transpose(1, 2)
 
-    def denoise(self, x, t, tokens):
-        """The UNet's v estimate for noisy normalized latents x (B, D, T) at integer timesteps t (B,)."""
+    def denoise(self, x, t, cond):
+        """The UNet's v estimate for noisy normalized residuals x (B, D, T) at integer timesteps t (B,), given
+        cond (B, D, T), the normalized coarse latent."""
         T = x.shape[-1]
         pad = max(2 * self.multiple, -(-T // self.multiple) * self.multiple) - T  # a length the UNet can halve
-        coarse = (self.latent(tokens[:, None]) - self.cond_mean[:, None]) / self.cond_std[:, None]  # (B, D, T)
-        h = torch.cat([x, coarse], dim=1)  # (B, 2D, T)
+        h = torch.cat([x, cond], dim=1)  # (B, 2D, T)
         return self.unet(F.pad(h, (0, pad)), t.float() / self.config.train_timesteps).sample[..., :T] + self.frame_path(h)
 
     def forward(self, codes, generator=None):
         """codes (B, K, T): all stored codebooks of a crop -> (None, diffusion loss)."""
-        x0 = (self.latent(codes) - self.latent(codes[:, :1]) - self.mean[:, None]) / self.std[:, None]  # residual
+        coarse = self.latent(codes[:, :1])  # (B, D, T)
+        x0 = (self.latent(codes) - coarse - self.mean[:, None]) / self.std[:, None]  # the residual, normalized
+        cond = (coarse - self.cond_mean[:, None]) / self.cond_std[:, None]
         B = x0.shape[0]
         t = torch.randint(0, self.config.train_timesteps, (B,), generator=generator).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
         xt = self.noise.add_noise(x0, noise, t)
         v = self.noise.get_velocity(x0, noise, t)
-        return None, F.mse_loss(self.denoise(xt, t, codes[:, 0]), v)
+        return None, F.mse_loss(self.denoise(xt, t, cond), v)
 
     @torch.no_grad()
     def sample(self, tokens, steps=25, generator=None):
@@ -658,11 +660,12 @@ class Stage2Diffusion(nn.Module):
                                              prediction_type="v_prediction", algorithm_type="dpmsolver++")
         solver.set_timesteps(steps)
         B, T = tokens.shape
+        coarse = self.latent(tokens[:, None])  # (B, D, T), the same at every step
+        cond = (coarse - self.cond_mean[:, None]) / self.cond_std[:, None]
         x = torch.randn(B, self.config.latent_dim, T, generator=generator).to(tokens.device)
         for t in solver.timesteps:
-            v = self.denoise(x, t.expand(B).to(tokens.device), tokens)
-            x = solver.step(v, t, x).prev_sample
-        return self.latent(tokens[:, None]) + x * self.std[:, None] + self.mean[:, None]
+            x = solver.step(self.denoise(x, t.expand(B).to(tokens.device), cond), t, x).prev_sample
+        return coarse + x * self.std[:, None] + self.mean[:, None]
 
     @torch.no_grad()
     def quantize(self, latent):
