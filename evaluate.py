@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from configurator import configure
-from model import Stage2Config, Stage2Diffusion
+from model import Stage2Diffusion, from_checkpoint
 
 # -----------------------------------------------------------------------------
 section = "stage2"
@@ -37,8 +37,9 @@ def load_stage2(path):
     if not os.path.isfile(path):
         sys.exit(f"evaluate.py: no stage-2 checkpoint at {path}; set --stage2_dir")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = Stage2Diffusion(Stage2Config(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
+    model = from_checkpoint(ckpt)
+    if not isinstance(model, Stage2Diffusion):
+        sys.exit(f"evaluate.py: {path} holds a language model, not a stage-2 diffusion model; set --stage2_dir")
     return model.to(device).eval(), ckpt
 
 

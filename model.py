@@ -677,3 +677,14 @@ class Stage2Diffusion(nn.Module):
             residual = residual - book[idx]
             codes.append(idx)
         return torch.stack(codes, 1)
+
+
+def from_checkpoint(ckpt):
+    """The model a train.py checkpoint (a loaded dict) holds, weights included: the LM, or the stage-2 diffusion
+    model where the run had model_type = "stage2"."""
+    if ckpt["config"].get("model_type") == "stage2":
+        model = Stage2Diffusion(Stage2Config(**ckpt["model_args"]))
+    else:
+        model = MusicLM(ModelConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    return model

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from configurator import configure
-from model import ModelConfig, MusicLM, Stage2Config, Stage2Diffusion
+from model import Stage2Diffusion, from_checkpoint
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the training run: reads out_dir/ckpt.pt
@@ -77,11 +77,12 @@ def load_model(ckpt_path, device, dtype, stage2=False):
         sys.exit(f"sample.py: no checkpoint at {ckpt_path}; train one or set --{'stage2_dir' if stage2 else 'out_dir'}")
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        model = (Stage2Diffusion(Stage2Config(**ckpt["model_args"])) if stage2 else
-                 MusicLM(ModelConfig(**ckpt["model_args"])))
-        model.load_state_dict(ckpt["model"])
+        model = from_checkpoint(ckpt)
     except Exception as e:
         sys.exit(f"sample.py: cannot read the checkpoint {ckpt_path}: {str(e).splitlines()[0][:200]}")
+    if isinstance(model, Stage2Diffusion) != stage2:
+        sys.exit(f"sample.py: {ckpt_path} holds {'no' if stage2 else 'a'} stage-2 diffusion model; "
+                 f"{'--stage2_dir' if stage2 else '--out_dir'} wants {'one' if stage2 else 'the language model'}")
     ckpt.pop("model")
     ckpt.pop("optimizer", None)
     return model.to(device, getattr(torch, dtype)).eval(), ckpt
