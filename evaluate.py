@@ -18,6 +18,7 @@ import torch
 
 from configurator import configure
 from model import Stage2Diffusion, from_checkpoint
+from prepare import read_split
 
 # -----------------------------------------------------------------------------
 section = "stage2"
@@ -45,11 +46,11 @@ def load_stage2(path):
 
 def val_codes(ckpt, frames):
     """The first `frames` frames of up to `clips` val clips: (n, K, frames), all stored codebooks."""
-    config, meta = ckpt["config"], ckpt["data_meta"]
+    config = ckpt["config"]
     root = os.path.join(data_dir or config["data_dir"], config["dataset"])
-    table = np.load(os.path.join(root, f"{split}_clips.npy"))
-    codes = np.memmap(os.path.join(root, f"{split}_codes.bin"), dtype=np.uint16, mode="r").reshape(meta["codec"]["n_codebooks"], -1)
-    picked = [(o, n) for o, n in table if n >= frames][:clips]
+    d = read_split(root, split, ckpt["data_meta"])
+    codes = d["codes"]
+    picked = [(o, n) for o, n in d["clips"] if n >= frames][:clips]
     if not picked:
         sys.exit(f"evaluate.py: no {split} clip in {root} is {seconds} s long; lower --seconds")
     return torch.stack([torch.from_numpy(codes[:, o:o + frames].astype(np.int64)) for o, _ in picked])

@@ -416,6 +416,17 @@ def synth_song(index, seconds, seed=0):
 # the build: sources -> work folder (resumable) -> splits -> final files (atomic)
 
 
+def read_split(root, split, meta):
+    """The files prepare.py wrote for one split, as arrays (the big ones memory-mapped): clips (n, 2) frame offset
+    and length; codes (n_codebooks, frames); text (n, max_tokens, dim); text_len (n,). meta: meta.json's dict."""
+    K, T, dim = meta["codec"]["n_codebooks"], meta["text_encoder"]["max_tokens"], meta["text_encoder"]["dim"]
+    clips = np.load(os.path.join(root, f"{split}_clips.npy"))
+    return dict(clips=clips,
+                codes=np.memmap(os.path.join(root, f"{split}_codes.bin"), dtype=np.uint16, mode="r").reshape(K, -1),
+                text=np.memmap(os.path.join(root, f"{split}_text.bin"), dtype=np.float16, mode="r").reshape(len(clips), T, dim),
+                text_len=np.load(os.path.join(root, f"{split}_text_len.npy")))
+
+
 def _atomic_write(path, write):
     """Write through write(tmp_path), then rename: a killed run never leaves a half-written file."""
     tmp = f"{path}.tmp"

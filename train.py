@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
 from model import ModelConfig, MusicLM, Stage2Config, Stage2Diffusion, codebook_losses, delay
+from prepare import load_dataset_codec, read_split
 
 # -----------------------------------------------------------------------------
 # defaults; the paper's training settings (DESIGN.md, from the official code) where it has them
@@ -124,16 +125,7 @@ if not codec["pretrained"] and master:
           "but decoded audio will not be meaningful music")
 
 
-def load_split(split):
-    clips = np.load(os.path.join(root, f"{split}_clips.npy"))
-    K, T, dim = codec["n_codebooks"], text_meta["max_tokens"], text_meta["dim"]
-    return dict(clips=clips,
-                codes=np.memmap(os.path.join(root, f"{split}_codes.bin"), dtype=np.uint16, mode="r").reshape(K, -1),
-                text=np.memmap(os.path.join(root, f"{split}_text.bin"), dtype=np.float16, mode="r").reshape(len(clips), T, dim),
-                text_len=np.load(os.path.join(root, f"{split}_text_len.npy")))
-
-
-splits = {s: load_split(s) for s in ("train", "val")}
+splits = {s: read_split(root, s, meta) for s in ("train", "val")}
 data_gen = torch.Generator().manual_seed(seed + rank)  # the training batches' randomness (saved in the checkpoint)
 
 
@@ -199,7 +191,6 @@ else:
     positions = seq_len
     flops_per_token = 6 * model.num_params()  # the 6N rule: an upper bound for a UNet, whose deeper levels run shorter
     if not checkpoint:  # the codec's codebooks and the latent statistics of the training data
-        from prepare import load_dataset_codec
         books = load_dataset_codec(codec, root).quantizer.vq.layers
         model.set_codec(torch.stack([layer._codebook.embed for layer in books[:codec["n_codebooks"]]]).to(device),
                         torch.from_numpy(splits["train"]["codes"][:, :100_000].astype(np.int64)).to(device))
