@@ -478,10 +478,12 @@ def prepare(args, fail_after=None):
             sys.exit(f"prepare.py: nothing usable in {args.audio_dir}: no file could be read as audio")
         kmeans_init_codebooks(codec, sample, seed=args.seed)
         _atomic_write(untrained_state, lambda tmp: torch.save(codec.state_dict(), tmp))
+    def entry(source):  # the work file holding one source's result
+        return work / (hashlib.sha1(source.encode()).hexdigest()[:16] + ".pt")
+
     done = 0
     for source, load in tqdm(sources, desc="encoding", unit="file"):
-        entry = work / (hashlib.sha1(source.encode()).hexdigest()[:16] + ".pt")
-        if entry.exists():
+        if entry(source).exists():
             continue  # finished in an earlier run
         try:
             wav, caption, attributes = load()
@@ -491,12 +493,11 @@ def prepare(args, fail_after=None):
                           codes=codes)
         except Skip as e:
             record = dict(source=source, skipped=str(e))
-        _atomic_write(entry, lambda tmp: torch.save(record, tmp))
+        _atomic_write(entry(source), lambda tmp: torch.save(record, tmp))
         done += 1
         if fail_after is not None and done >= fail_after:
             raise RuntimeError(f"simulated failure after {done} sources")
-    records = [torch.load(work / (hashlib.sha1(s.encode()).hexdigest()[:16] + ".pt"), weights_only=True)
-               for s, _ in sources]
+    records = [torch.load(entry(s), weights_only=True) for s, _ in sources]
     skipped = [dict(source=r["source"], reason=r["skipped"]) for r in records if "skipped" in r]
     good = [r for r in records if "skipped" not in r and r["codes"]]
     _atomic_write(out / "skipped.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(s) + "\n" for s in skipped)))
