@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import evaluate
-from conftest import build_tiny_dataset
+from conftest import build_tiny_dataset, run_train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,10 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def stage2_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
     build_tiny_dataset(tmp, "--synth_songs=6", "--max_text_tokens=8", "--val_fraction=0.34")
-    r = subprocess.run([sys.executable, "train.py", "configs/stage2_diffusion.py", "--unet_channels=(32,32,64)",
-                        f"--data_dir={tmp}", "--dataset=tiny", f"--out_dir={tmp / 'stage2'}", "--seq_len=32",
-                        "--batch_size=4", "--max_iters=3", "--eval_interval=3", "--eval_iters=1",
-                        "--gradient_accumulation_steps=1"], cwd=ROOT, capture_output=True, text=True)
+    r = run_train(tmp, tmp / "stage2", "configs/stage2_diffusion.py", "--unet_channels=(32,32,64)", "--seq_len=32",
+                  "--batch_size=4", "--max_iters=3", "--eval_interval=3", "--eval_iters=1",
+                  "--gradient_accumulation_steps=1")
     assert r.returncode == 0, r.stderr[-2000:]
     return tmp / "stage2"
 

@@ -13,7 +13,7 @@ import torch
 import model
 import prepare
 import sample
-from conftest import build_tiny_dataset
+from conftest import build_tiny_dataset, run_train
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATE = model.MusicLM.generate
@@ -27,9 +27,8 @@ def data_dir(tmp_path_factory):
 
 
 def train(data_dir, out, *configs):
-    r = subprocess.run([sys.executable, "train.py", *configs, f"--data_dir={data_dir}", "--dataset=tiny",
-                        f"--out_dir={out}", "--seq_len=48", "--batch_size=4", "--max_iters=4", "--eval_interval=4",
-                        "--eval_iters=1", "--gradient_accumulation_steps=1"], cwd=ROOT, capture_output=True, text=True)
+    r = run_train(data_dir, out, *configs, "--seq_len=48", "--batch_size=4", "--max_iters=4", "--eval_interval=4",
+                  "--eval_iters=1", "--gradient_accumulation_steps=1")
     assert r.returncode == 0, r.stderr[-2000:]
     return out
 

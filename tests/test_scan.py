@@ -40,14 +40,18 @@ def make_inputs(batch, dim, L, N, G, dtype, flags, device="cpu", seed=0):
         delta_bias=rnd(dim, scale=0.5, uniform=True, dt=torch.float32) if has_bias else None)
 
 
-def run(fn, inputs, softplus, seed=1):
-    """Forward + backward of a loss that uses both out and last_state; returns out, last, grads."""
+def run(fn, inputs, softplus, seed=1, last_state=True):
+    """Forward + backward of a loss that uses both out and last_state (only out if last_state=False, for a
+    function without that output); returns out, last (or None), grads."""
     leaves = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in inputs.items()}
-    out, last = fn(**leaves, delta_softplus=softplus, return_last_state=True)
     gen = torch.Generator().manual_seed(seed)
+    if last_state:
+        out, last = fn(**leaves, delta_softplus=softplus, return_last_state=True)
+        loss = (last * torch.randn(last.shape, generator=gen).to(out.device)).sum()
+    else:
+        out, last, loss = fn(**leaves, delta_softplus=softplus), None, 0
     w_out = torch.randn(out.shape, generator=gen).to(out.device)
-    w_last = torch.randn(last.shape, generator=gen).to(out.device)
-    ((out.float() * w_out).sum() + (last * w_last).sum()).backward()
+    (loss + (out.float() * w_out).sum()).backward()
     return out, last, {k: v.grad for k, v in leaves.items() if v is not None}
 
 
@@ -101,15 +105,8 @@ def test_cpu_path_block_size_does_not_change_results(monkeypatch):
 def test_bench_pscan_matches_reference(L, G, flags):
     """bench.py's pscan baseline computes the same scan, outputs and gradients (so its timing is fair)."""
     inputs = make_inputs(2, 4, L, 16, G, torch.float32, flags)
-    w = torch.randn(2, 4, L, generator=torch.Generator().manual_seed(1))
-
-    def go(fn):
-        leaves = {k: None if v is None else v.clone().requires_grad_() for k, v in inputs.items()}
-        out = fn(**leaves, delta_softplus=flags[3])
-        (out * w).sum().backward()
-        return out, {k: v.grad for k, v in leaves.items() if v is not None}
-
-    (out, grads), (out_r, grads_r) = go(bench.selective_scan_pscan), go(scan.selective_scan_ref)
+    out, _, grads = run(bench.selective_scan_pscan, inputs, flags[3], last_state=False)
+    out_r, _, grads_r = run(scan.selective_scan_ref, inputs, flags[3], last_state=False)
     torch.testing.assert_close(out, out_r, rtol=6e-4, atol=2e-3)
     for k in grads:
         torch.testing.assert_close(grads[k], grads_r[k], rtol=1e-3, atol=4e-3, msg=lambda m: f"d{k}: {m}")

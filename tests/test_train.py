@@ -1,14 +1,13 @@
 """train.py on a tiny synthetic dataset built here: every paper variant learns, resume is exact, torchrun with
 two CPU processes works, bad configs give one-line errors, a NaN loss stops the run cleanly."""
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_dataset
+from conftest import build_tiny_dataset, run_train as train
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ["prefix_simba", "prefix_mamba", "cross_simba", "prefix_transformer", "cross_transformer", "two_stage_simba"]
@@ -20,13 +19,6 @@ def data_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("data")
     build_tiny_dataset(tmp, "--synth_songs=16", "--max_text_tokens=16", "--val_fraction=0.25")
     return tmp
-
-
-def train(data_dir, out_dir, *argv, torchrun=False):
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else [])
-    cmd += ["train.py", *argv, f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out_dir}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
 def log_rows(out_dir):
