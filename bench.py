@@ -3,6 +3,7 @@
     python bench.py                          # kernel section on CPU: reference loop vs pscan vs the CPU path
     python bench.py --device=cuda            # + the Triton kernels, with GB/s and % of HBM bandwidth
     python bench.py --section=generate       # ms per generated step, cached vs recomputed (--size=paper on a GPU)
+    python bench.py --section=stage2         # two-stage design: stage 2's cost vs the LM's extra codebooks
     python bench.py --section=all
 
 kernel: forward and forward+backward time of the selective scan at a Mamba-1 shape and a
@@ -18,6 +19,9 @@ generate: milliseconds per generated step of prefix_simba and prefix_transformer
 configs/tiny.py unless --size=paper) at given positions, for one caption with classifier-free guidance
 (a batch of 2 rows): with the caches (the SSM's fixed-size state, attention's KV cache) and by running
 the whole sequence again at every step, as the paper's official implementation does.
+
+stage2: seconds of compute per second of audio (batch 1, 10 s): the stage-2 diffusion model at 25 steps, and
+the single-stage LM's cost of writing codebooks 1..3 itself (prefix_simba minus two_stage_simba).
 """
 import argparse
 import json
@@ -240,6 +244,32 @@ def bench_generate(device, dtype, reps, size, positions):
     return rows
 
 
+def bench_stage2(device, dtype, size, seconds=10.0, steps=25):
+    """Seconds of compute per second of audio for the two-stage design's parts, one caption (batch 1): stage 2
+    (the diffusion model, `steps` DPM-Solver++ steps over the whole clip) and the cost it replaces, the extra
+    codebooks the single-stage LM writes (prefix_simba's 4 codebooks against two_stage_simba's codebook 0)."""
+    frames = round(seconds * 75)
+    rows = []
+    for name in ("prefix_simba", "two_stage_simba"):
+        cfg = model.read_config(f"configs/{name}.py", *(["configs/tiny.py"] if size == "tiny" else []))
+        m = model.MusicLM(cfg).to(device, dtype).eval()
+        text = torch.randn(1, cfg.max_text_len, cfg.text_dim).to(device, dtype)
+        mask = torch.ones(1, cfg.max_text_len, dtype=torch.bool, device=device)
+        t = timeit(lambda: m.generate(text, mask, frames, cfg=3.0), device, 1)
+        rows.append(dict(part=f"stage 1 LM: {name}, {cfg.n_codebooks} codebook(s), cached, cfg 3", size=size,
+                         params_M=round(m.num_params() / 1e6, 2), s_per_audio_s=t / seconds))
+    channels = (64, 128, 256) if size == "tiny" else (128, 256, 512)  # the README's tiny run; configs/stage2_diffusion.py
+    s2 = model.Stage2Diffusion(model.Stage2Config(unet_channels=channels)).to(device).eval()
+    s2.codebooks.normal_()
+    tokens = torch.randint(0, 1024, (1, frames), device=device)
+    t = timeit(lambda: s2.sample(tokens, steps), device, 1)
+    rows.append(dict(part=f"stage 2 diffusion: UNet {channels}, {steps} DPM-Solver++ steps", size=size,
+                     params_M=round(s2.num_params() / 1e6, 2), s_per_audio_s=t / seconds))
+    rows.append(dict(part="extra codebooks in the single-stage LM (row 1 - row 2)", size=size, params_M=None,
+                     s_per_audio_s=rows[0]["s_per_audio_s"] - rows[1]["s_per_audio_s"]))
+    return rows
+
+
 def markdown(rows):
     cols = list(rows[0])
     fmt = lambda v: "" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
@@ -250,12 +280,12 @@ def markdown(rows):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--section", default="kernel", choices=["kernel", "generate", "all"])
+    p.add_argument("--section", default="kernel", choices=["kernel", "generate", "stage2", "all"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--reps", type=int, default=5, help="timed runs per measurement (the reference runs once)")
     p.add_argument("--size", default=None, choices=["tiny", "paper"],
-                   help="generate: model size (default: paper on CUDA, tiny on CPU)")
+                   help="generate, stage2: model size (default: paper on CUDA, tiny on CPU)")
     p.add_argument("--positions", default="100,2000", help="generate: positions to time, comma-separated")
     p.add_argument("--out", default="out-bench", help="folder for the JSON files")
     args = p.parse_args()
@@ -265,7 +295,8 @@ def main():
     size = args.size or ("paper" if args.device == "cuda" else "tiny")
     positions = [int(x) for x in args.positions.split(",")]
     sections = {"kernel": lambda: bench_kernel(args.device, dtype, args.reps),
-                "generate": lambda: bench_generate(args.device, dtype, args.reps, size, positions)}
+                "generate": lambda: bench_generate(args.device, dtype, args.reps, size, positions),
+                "stage2": lambda: bench_stage2(args.device, dtype, size)}
     for section in sections if args.section == "all" else [args.section]:
         rows = sections[section]()
         info = dict(section=section, device=args.device, machine=machine(args.device), torch=torch.__version__,

@@ -653,8 +653,12 @@ class Stage2Diffusion(nn.Module):
         return None, F.mse_loss(self.denoise(xt, t, cond), v)
 
     @torch.no_grad()
-    def sample(self, tokens, steps=25, generator=None):
-        """Codebook-0 tokens (B, T) -> a latent (B, D, T) for any T, with DPM-Solver++ in `steps` steps."""
+    def sample(self, tokens, steps=25, temperature=1.0, generator=None):
+        """Codebook-0 tokens (B, T) -> a latent (B, D, T) for any T, with DPM-Solver++ in `steps` steps.
+
+        temperature scales the starting noise (the solver is deterministic from there), as in Grad-TTS: 1 samples
+        the learned distribution; lower values trade detail for being right on average, 0 is the one path
+        from x_T = 0, close to the conditional mean."""
         from diffusers import DPMSolverMultistepScheduler
         solver = DPMSolverMultistepScheduler(num_train_timesteps=self.config.train_timesteps,
                                              prediction_type="v_prediction", algorithm_type="dpmsolver++")
@@ -662,7 +666,7 @@ class Stage2Diffusion(nn.Module):
         B, T = tokens.shape
         coarse = self.latent(tokens[:, None])  # (B, D, T), the same at every step
         cond = (coarse - self.cond_mean[:, None]) / self.cond_std[:, None]
-        x = torch.randn(B, self.config.latent_dim, T, generator=generator).to(tokens.device)
+        x = temperature * torch.randn(B, self.config.latent_dim, T, generator=generator).to(tokens.device)
         for t in solver.timesteps:
             x = solver.step(self.denoise(x, t.expand(B).to(tokens.device), cond), t, x).prev_sample
         return coarse + x * self.std[:, None] + self.mean[:, None]

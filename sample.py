@@ -41,6 +41,7 @@ dtype = "float32"
 overwrite = False
 stage2_dir = ""  # two-stage: a stage-2 diffusion run (train.py configs/stage2_diffusion.py); out_dir is then stage 1
 stage2_steps = 25  # DPM-Solver++ steps
+stage2_temperature = 1.0  # scale of stage 2's starting noise (model.Stage2Diffusion.sample)
 # -----------------------------------------------------------------------------
 
 
@@ -124,7 +125,8 @@ def main(argv):
     codec = prepare.load_dataset_codec(data_meta["codec"], os.path.join(ckpt["config"]["data_dir"], ckpt["config"]["dataset"]), device)
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p, dtype=dtype,
-                    stage2_dir=stage2_dir or None, stage2_steps=stage2_steps if stage2_dir else None)
+                    stage2_dir=stage2_dir or None, stage2_steps=stage2_steps if stage2_dir else None,
+                    stage2_temperature=stage2_temperature if stage2_dir else None)
     for b in range(0, len(jobs), batch_size):
         batch = jobs[b:b + batch_size]
         text, lengths = embed([p for p, _, _ in batch], data_meta["text_encoder"]["max_tokens"])
@@ -141,7 +143,7 @@ def main(argv):
             if stage2 is None:  # the codec decodes the LM's codebooks
                 wavs = codec.decode([(codes, None)])
             else:  # two-stage: codebook 0 -> the full latent by diffusion -> the codec's decoder
-                wavs = codec.decoder(stage2.sample(codes[:, 0], stage2_steps, generator=gen))
+                wavs = codec.decoder(stage2.sample(codes[:, 0], stage2_steps, stage2_temperature, generator=gen))
             wavs = wavs[:, 0, :round(seconds * sr)].float().cpu().numpy()  # (B, samples)
         if stage2 is not None:
             print(f"sample.py: stage 2: {stage2_steps} steps in {time.time() - t1:.2f} s "

@@ -232,3 +232,7 @@ def test_stage2_diffusion_shapes_loss_and_quantize():
     assert loss.ndim == 0 and loss.requires_grad and 0.1 < loss.item() < 10
     for T in (1, 21, 64):  # any length, padded inside to the UNet's multiple
         assert m.sample(torch.randint(0, V, (2, T)), steps=2).shape == (2, 8, T)
+    # temperature scales the starting noise: at 0 the sampler is one deterministic path, whatever the generator
+    cold = [m.sample(tokens, steps=2, temperature=0.0, generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+    warm = [m.sample(tokens, steps=2, temperature=1.0, generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+    assert torch.equal(cold[0], cold[1]) and not torch.allclose(warm[0], warm[1])
