@@ -1,59 +1,595 @@
-"""Measurement: numbers about trained models, printed as a table and saved as JSON.
+"""Measurement: numbers about trained models and generated audio, printed as Markdown and saved as JSON.
 
+    python evaluate.py --section=offline --out_dir=out-prefix-simba      # val NLL per codebook, text gain, probe
+    python evaluate.py --section=audio --generated=DIR --reference=DIR   # FD_openl3, KL_passt, CLAP score
+    python evaluate.py --section=audio --out_dir=RUN --prompts_file=P --reference=DIR   # sample.py writes DIR first
     python evaluate.py --section=stage2 --stage2_dir=out-stage2-diffusion
+    python evaluate.py --runs out-prefix-simba out-prefix-transformer     # one table and one figure for all runs
 
-stage2: how well the stage-2 diffusion model restores the full codec latent from codebook-0 tokens, with no
-pretrained evaluator. For val clips, the ground-truth codebook-0 tokens go in; the generated latent is
-quantized back with the codec's codebooks and compared with the truth: accuracy of codebooks 1..K-1 and the
-latent's mean squared error (relative to each channel's variance). The baseline is what stage 1 alone gives:
-the codebook-0 embedding with nothing added (no diffusion).
+offline (no pretrained evaluator; data prepare.py wrote): the val NLL per codebook with and without the caption
+  (their difference is the text gain), and text adherence: a small probe, trained here and cached next to the
+  data, predicts each caption attribute (instrument, tempo, mode, drums...) from a window of codebook-0 tokens.
+  Its accuracy on real val tokens is the ceiling; its accuracy on tokens the model generates from the val captions
+  is the score (a model that ignores the text scores at chance, as it does with the caption dropped).
+audio: the paper's metrics, computed as Stability-AI's stable-audio-metrics computes them (differences below).
+  FD_openl3: Frechet distance between Gaussians fitted to OpenL3 embeddings (music, mel256, 512-d, 0.5 s hop) of
+  the generated and the reference set. KL_passt: KL(reference || generated) between PaSST's AudioSet label
+  distributions of each generated file and its reference (same file stem, or the same caption via
+  --reference_captions). CLAP score: cosine of LAION-CLAP (music checkpoint) audio and caption embeddings.
+stage2: how well the stage-2 diffusion model restores the full codec latent from ground-truth codebook-0 tokens
+  of val clips: accuracy of codebooks 1..K-1 after re-quantizing the generated latent, and latent MSE, against
+  the codebook-0 embedding alone (what stage 1 alone gives).
+--runs: params, steps, tokens, FLOPs, best val loss, text gain, probe accuracy and audio metrics (where a run has
+  them: eval_offline.json, eval_audio.json) as a Markdown table, and val loss vs steps and vs FLOPs in one PNG.
 """
+import bisect
+import csv
 import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
 
 from configurator import configure
-from model import Stage2Diffusion, from_checkpoint
+from model import MusicLM, Stage2Diffusion, delay, from_checkpoint
 from prepare import read_split
 
 # -----------------------------------------------------------------------------
-section = "stage2"
-stage2_dir = "out-stage2-diffusion"
+section = "offline"  # offline | audio | stage2 (--runs compares runs)
+out_dir = ""  # a train.py run: offline; audio with --prompts_file
 data_dir = ""  # default: where the checkpoint's training data was
 split = "val"
-clips = 16  # val clips to evaluate (their first seconds)
-seconds = 5.0
-stage2_steps = 25
 seed = 0
 device = "cuda" if torch.cuda.is_available() else "cpu"
-out = ""  # default: <stage2_dir>/eval_stage2.json
+out = ""  # the JSON's path; default: eval_<section>.json in the run (or the generated folder)
+# offline
+batch_size = 8
+probe_seconds = 5.0  # the probe's window, and the length generated per val caption
+probe_iters = 600
+gen_per_caption = 2  # generations per val caption for the probe
+cfg = 3.0
+temperature = 1.0
+top_k = 250
+# audio
+generated = ""  # a folder of wav files
+reference = ""  # a folder of wav files
+reference_captions = ""  # CSV/JSON/JSONL of reference captions (as prepare.py reads): pairs files by caption for KL
+prompts_file = ""  # generate first: sample.py writes out_dir/samples_eval/ from these prompts
+seconds = 10.0  # generated length with --prompts_file; the stage-2 section's crop
+weights_dir = ""  # where the metrics' weights are when they cannot be downloaded
+metrics = ("fd_openl3", "kl_passt", "clap")
+# stage2
+stage2_dir = "out-stage2-diffusion"
+clips = 16  # val clips (their first seconds)
+stage2_steps = 25
+stage2_temperatures = (1.0, 0.5, 0.0)
+# comparison
+runs = ()  # --runs DIR DIR ...: compare these train.py runs (a table, and val loss curves in --out, compare.png)
 # -----------------------------------------------------------------------------
 
 
-def load_stage2(path):
+def save_json(result, path):
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"\nwrote {path}")
+
+
+def load_run(run_dir, want):
+    """-> (model on device, checkpoint): want is MusicLM or Stage2Diffusion."""
+    path = os.path.join(run_dir, "ckpt.pt")
+    flag = "--stage2_dir" if want is Stage2Diffusion else "--out_dir"
     if not os.path.isfile(path):
-        sys.exit(f"evaluate.py: no stage-2 checkpoint at {path}; set --stage2_dir")
+        sys.exit(f"evaluate.py: no checkpoint at {path}; set {flag}")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     model = from_checkpoint(ckpt)
-    if not isinstance(model, Stage2Diffusion):
-        sys.exit(f"evaluate.py: {path} holds a language model, not a stage-2 diffusion model; set --stage2_dir")
+    if not isinstance(model, want):
+        kind = "a stage-2 diffusion model" if isinstance(model, Stage2Diffusion) else "a language model"
+        sys.exit(f"evaluate.py: {path} holds {kind}; set {flag}")
     return model.to(device).eval(), ckpt
+
+
+def data_root(ckpt):
+    config = ckpt["config"]
+    return os.path.join(data_dir or config["data_dir"], config["dataset"])
+
+
+# -----------------------------------------------------------------------------
+# offline: val NLL per codebook and text gain
+
+
+@torch.no_grad()
+def val_nll(model, d, L):
+    """-> (nll (K,), nll without the caption (K,)) in nats per token over every frame of the split's clips,
+    cut into windows of L frames (the training crop) and scored as train.py scores a crop."""
+    K, V = model.config.n_codebooks, model.config.codebook_size
+    windows = [(i, o + s, min(L, n - s)) for i, (o, n) in enumerate(d["clips"].tolist()) for s in range(0, n, L)]
+    sums, count = torch.zeros(2, K), torch.zeros(K)
+    for b in tqdm(range(0, len(windows), batch_size), desc="val NLL", leave=False):
+        w = windows[b:b + batch_size]
+        crops = torch.full((len(w), K, L), V, dtype=torch.long)  # the special token pads a short window
+        for j, (_, start, n) in enumerate(w):
+            crops[j, :, :n] = torch.from_numpy(d["codes"][:K, start:start + n].astype(np.int64))
+        seq = delay(crops, V).to(device)  # (B, K, L + K)
+        idx = [i for i, _, _ in w]
+        text = torch.from_numpy(d["text"][idx].astype(np.float32)).to(device)
+        mask = torch.arange(text.shape[1], device=device)[None] < torch.from_numpy(d["text_len"][idx]).to(device)[:, None]
+        targets = seq[:, :, 1:]
+        valid = (targets != V).float()
+        for j, m in enumerate((mask, torch.zeros_like(mask))):
+            logits, _ = model(seq[:, :, :-1], text, m)  # (B, K, S, V)
+            ce = F.cross_entropy(logits.flatten(0, 2).float(), targets.flatten(), ignore_index=V, reduction="none")
+            sums[j] += (ce.view(targets.shape) * valid).sum((0, 2)).cpu()
+        count += valid.sum((0, 2)).cpu()
+    nll = sums / count.clamp(min=1)
+    return nll[0], nll[1]
+
+
+# -----------------------------------------------------------------------------
+# offline: the text-adherence probe
+
+
+class Probe(nn.Module):
+    """Each caption attribute from a window of codebook-0 tokens (B, T): a token embedding (with dropout: the
+    train split has few songs), two strided convolutions, mean and max pooling over time, one linear head per
+    attribute."""
+
+    def __init__(self, codebook_size, n_classes, width=64):
+        super().__init__()
+        self.embed = nn.Embedding(codebook_size, width)
+        self.drop = nn.Dropout(0.3)
+        self.convs = nn.Sequential(nn.Conv1d(width, width, 5, stride=2, padding=2), nn.GELU(),
+                                   nn.Conv1d(width, width, 5, stride=2, padding=2), nn.GELU())
+        self.heads = nn.ModuleList(nn.Linear(2 * width, n) for n in n_classes)
+
+    def forward(self, tokens):  # (B, T) -> [(B, n_classes)] per attribute
+        h = self.convs(self.drop(self.embed(tokens)).transpose(1, 2))  # (B, width, T / 4)
+        h = torch.cat([h.mean(-1), h.amax(-1)], dim=-1)  # (B, 2 width)
+        return [head(h) for head in self.heads]
+
+
+def read_attributes(root, split_name):
+    """-> [attributes dict per clip] from prepare.py's captions file ({} where a clip has none)."""
+    path = os.path.join(root, f"{split_name}_captions.jsonl")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line).get("attributes") or {} for line in f if line.strip()]
+
+
+def attribute_classes(train_attrs):
+    """-> {attribute: classes}: the values seen in training, sorted; a numeric attribute (BPM) becomes three bins
+    of equal size, named by their lower edges ('>=70', '>=100', '>=130')."""
+    classes = {}
+    for name in sorted({k for a in train_attrs for k in a}):
+        values = [a[name] for a in train_attrs if name in a]
+        if all(isinstance(v, (int, float)) for v in values):
+            edges = sorted(set(np.quantile(values, [0, 1 / 3, 2 / 3], method="lower").tolist()))
+            classes[name] = [f">={e:g}" for e in edges]
+        else:
+            classes[name] = sorted(set(map(str, values)))
+    return classes
+
+
+def label(classes, attrs):
+    """-> [class index per attribute], -1 where the clip lacks it or has a value training never saw."""
+    out = []
+    for name, names in classes.items():
+        v = attrs.get(name)
+        if v is None:
+            out.append(-1)
+        elif names[0].startswith(">="):
+            out.append(max(0, bisect.bisect_right([float(c[2:]) for c in names], float(v)) - 1))
+        else:
+            out.append(names.index(str(v)) if str(v) in names else -1)
+    return out
+
+
+def probe_accuracy(probe, windows, labels):
+    """windows (n, T) tokens, labels (n, attributes) -> accuracy per attribute over the labelled windows."""
+    probe.eval()
+    with torch.no_grad():
+        logits = [torch.cat(x) for x in zip(*(probe(w) for w in windows.split(256)))]
+    hits = [(lg.argmax(-1) == labels[:, a]).float()[labels[:, a] >= 0] for a, lg in enumerate(logits)]
+    return [h.mean().item() if len(h) else None for h in hits]  # None: no window has a value training saw
+
+
+def clip_windows(d, attrs, classes, frames, per_clip=4):
+    """Evenly spaced windows of codebook-0 tokens from each clip long enough -> (windows (n, frames), labels)."""
+    windows, labels = [], []
+    for (o, n), a in zip(d["clips"].tolist(), attrs):
+        if n < frames:
+            continue
+        for s in np.linspace(0, n - frames, per_clip).astype(int):
+            windows.append(torch.from_numpy(d["codes"][0, o + s:o + s + frames].astype(np.int64)))
+            labels.append(label(classes, a))
+    return torch.stack(windows), torch.tensor(labels)
+
+
+def train_probe(root, meta, frames, iters, shuffle=False, seed=0):
+    """Train the probe on random windows of the train split -> (probe, classes, accuracy on real val windows,
+    chance per attribute: 1 / classes). shuffle=True pairs each train clip with another clip's attributes (a control: the
+    probe should then score at chance)."""
+    train_attrs = read_attributes(root, "train")
+    classes = attribute_classes(train_attrs)
+    if not classes:
+        return None, {}, [], []
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the weights' initialization and dropout
+    d = read_split(root, "train", meta)
+    if shuffle:
+        train_attrs = [train_attrs[i] for i in torch.randperm(len(train_attrs), generator=gen).tolist()]
+    long_enough = [i for i, (_, n) in enumerate(d["clips"].tolist()) if n >= frames]
+    if not long_enough:
+        sys.exit(f"evaluate.py: no train clip in {root} holds {frames} frames; lower --probe_seconds")
+    labels = torch.tensor([label(classes, a) for a in train_attrs])  # (clips, attributes)
+    probe = Probe(meta["codec"]["codebook_size"], [len(c) for c in classes.values()])
+    opt = torch.optim.AdamW(probe.parameters(), lr=2e-3, weight_decay=0.05)
+    for _ in tqdm(range(iters), desc="probe", leave=False):
+        pick = [long_enough[i] for i in torch.randint(len(long_enough), (32,), generator=gen).tolist()]
+        starts = [o + int(torch.randint(n - frames + 1, (1,), generator=gen)) for o, n in d["clips"][pick].tolist()]
+        x = torch.stack([torch.from_numpy(d["codes"][0, s:s + frames].astype(np.int64)) for s in starts])
+        y = labels[pick]
+        loss = sum(F.cross_entropy(lg, y[:, a], ignore_index=-1) for a, lg in enumerate(probe(x)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    val_attrs = read_attributes(root, "val")
+    windows, val_labels = clip_windows(read_split(root, "val", meta), val_attrs, classes, frames)
+    chance = [1 / len(c) for c in classes.values()]  # guessing uniformly (the synth set draws attributes so)
+    return probe, classes, probe_accuracy(probe, windows, val_labels), chance
+
+
+def cached_probe(root, meta, frames):
+    """The probe for this dataset and window, trained once and kept at <data>/probe_<frames>.pt."""
+    path = os.path.join(root, f"probe_{frames}.pt")
+    if os.path.exists(path):
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        probe = Probe(meta["codec"]["codebook_size"], [len(c) for c in saved["classes"].values()])
+        probe.load_state_dict(saved["state"])
+        return probe, saved["classes"], saved["ceiling"], saved["chance"]
+    probe, classes, ceiling, chance = train_probe(root, meta, frames, probe_iters, seed=seed)
+    if probe is not None:
+        torch.save(dict(state=probe.state_dict(), classes=classes, ceiling=ceiling, chance=chance), path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return probe, classes, ceiling, chance
+
+
+@torch.no_grad()
+def generated_windows(model, d, frames, with_text):
+    """gen_per_caption generations of `frames` frames from each val clip's caption (or with it dropped) ->
+    codebook-0 tokens (n, frames), ordered clip by clip."""
+    n = len(d["clips"])
+    idx = [i for i in range(n) for _ in range(gen_per_caption)]
+    tokens = []
+    gen = torch.Generator(device).manual_seed(seed)
+    for b in tqdm(range(0, len(idx), batch_size), desc=f"generate ({'caption' if with_text else 'no caption'})", leave=False):
+        rows = idx[b:b + batch_size]
+        text = torch.from_numpy(d["text"][rows].astype(np.float32)).to(device)
+        mask = torch.arange(text.shape[1], device=device)[None] < torch.from_numpy(d["text_len"][rows]).to(device)[:, None]
+        codes = model.generate(text, mask if with_text else torch.zeros_like(mask), frames, cfg=cfg if with_text else 1.0, temperature=temperature,
+                               top_k=top_k, generator=gen)
+        tokens.append(codes[:, 0].cpu())
+    return torch.cat(tokens)
+
+
+def evaluate_offline():
+    model, ckpt = load_run(out_dir, MusicLM)
+    root, meta = data_root(ckpt), ckpt["data_meta"]
+    d = read_split(root, split, meta)
+    nll, nll_notext = val_nll(model, d, ckpt["config"]["seq_len"])
+    result = dict(section="offline", checkpoint=os.path.join(out_dir, "ckpt.pt"), iter_num=ckpt["iter_num"],
+                  split=split, nll=nll.mean().item(), nll_notext=nll_notext.mean().item(),
+                  text_gain=(nll_notext - nll).mean().item(), nll_per_codebook=[round(x, 4) for x in nll.tolist()],
+                  text_gain_per_codebook=[round(x, 4) for x in (nll_notext - nll).tolist()])
+    frames = round(probe_seconds * meta["codec"]["frame_rate"])
+    probe, classes, ceiling, chance = cached_probe(root, meta, frames)
+    if probe is None:
+        print(f"evaluate.py: the captions in {root} carry no attributes (only the synth set's do); no probe")
+        return result
+    labels = torch.tensor([label(classes, a) for a in read_attributes(root, split)])
+    labels = labels.repeat_interleave(gen_per_caption, 0)
+    probe_rows = {}
+    for with_text in (True, False):
+        acc = probe_accuracy(probe, generated_windows(model, d, frames, with_text), labels)
+        probe_rows["generated" if with_text else "generated_no_caption"] = acc
+    result.update(probe_attributes=list(classes), probe_ceiling=ceiling, probe_chance=chance, probe_cfg=cfg,
+                  probe_generated=probe_rows["generated"], probe_generated_no_caption=probe_rows["generated_no_caption"],
+                  **{f"probe_{k}_mean": mean(v) for k, v in dict(ceiling=ceiling, chance=chance, **probe_rows).items()})
+    return result
+
+
+def mean(values):
+    """The mean of the attributes that have a value (the probe means skip attributes it could not score)."""
+    return float(np.mean([v for v in values if v is not None]))
+
+
+def print_offline(r):
+    print(f"## offline metrics, {r['checkpoint']} (iter {r['iter_num']}), {r['split']} split\n")
+    print(f"NLL {r['nll']:.4f} nats/token, without the caption {r['nll_notext']:.4f}, text gain {r['text_gain']:+.4f}")
+    print(f"per codebook: NLL {r['nll_per_codebook']}, text gain {r['text_gain_per_codebook']}\n")
+    if "probe_attributes" in r:
+        print("| probe accuracy | mean | " + " | ".join(r["probe_attributes"]) + " |")
+        print("|---|---|" + "---|" * len(r["probe_attributes"]))
+        for name in ("ceiling", "generated", "generated_no_caption", "chance"):
+            row = r[f"probe_{name}"]
+            print(f"| {name.replace('_', ' ')} | {mean(row):.3f} | " + " | ".join("-" if x is None else f"{x:.2f}" for x in row) + " |")
+
+
+# -----------------------------------------------------------------------------
+# audio: FD_openl3, KL_passt, CLAP score (pretrained evaluators, optional packages)
+
+
+class Unavailable(Exception):
+    """A metric whose package or weights cannot be had; the message says what to install or where to put what."""
+
+
+def weight_file(metric, name, url):
+    """-> the path of a weight file: <weights_dir or torch's hub dir>/checkpoints/<name>, downloaded if missing.
+    The hub dir is then pointed there, so the packages' own loaders find the file instead of downloading it."""
+    hub = weights_dir or torch.hub.get_dir()
+    path = os.path.join(hub, "checkpoints", name)
+    if not os.path.exists(path):
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(url, path, progress=False)
+        except Exception:
+            raise Unavailable(f"{metric} needs {name}: cannot download {url}; fetch it elsewhere and put it at "
+                              f"{path} (or in <--weights_dir>/checkpoints/)") from None
+    torch.hub.set_dir(hub)
+    return path
+
+
+def need(metric, package, module):
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        raise Unavailable(f"{metric} needs the {package} package: pip install {package}") from None
+
+
+def openl3_model():
+    """-> embed(wav (2, n) at 48 kHz) -> (frames, 1024): OpenL3 (music, mel256, 512-d) every 0.5 s of each channel,
+    left and right concatenated per frame, as stable-audio-metrics does for stereo (torchopenl3, not TF openl3)."""
+    torchopenl3 = need("FD_openl3", "torchopenl3", "torchopenl3")
+    weight_file("FD_openl3", "torchopenl3_mel256_music_512.pth.tar",
+                "https://github.com/torchopenl3/torchopenl3-models/raw/master/torchopenl3_mel256_music_512.pth.tar")
+    model = torchopenl3.core.load_audio_embedding_model("mel256", "music", 512)
+
+    def embed(wav):
+        emb, _ = torchopenl3.get_audio_embedding(wav.astype(np.float64), 48_000, model=model, hop_size=0.5,
+                                                 center=True, verbose=False)  # (2, frames, 512)
+        return torch.cat(list(emb), dim=-1).cpu().numpy()
+    return embed, dict(rate=48_000, channels=2)
+
+
+def passt_model():
+    """-> probs(wav (1, n) at 32 kHz) -> (527,): PaSST's AudioSet logits averaged over 10 s windows every 5 s
+    (windows over 1.5 s zero-padded to 10 s), then softmax, as stable-audio-metrics does."""
+    base = need("KL_passt", "hear21passt", "hear21passt.base")
+    weight_file("KL_passt", "passt-s-f128-p16-s10-ap.476-swa.pt",
+                "https://github.com/kkoutini/PaSST/releases/download/v0.0.1-audioset/passt-s-f128-p16-s10-ap.476-swa.pt")
+    model = base.get_basic_model(mode="logits").to(device).eval()
+    win, hop = 10 * 32_000, 5 * 32_000
+
+    @torch.no_grad()
+    def probs(wav):
+        x = torch.from_numpy(wav[0])
+        logits = []
+        for s in range(0, max(hop, len(x) - hop), hop):
+            w = x[s:s + win]
+            if len(w) > 1.5 * 32_000:
+                w = F.pad(w, (0, win - len(w)))
+            logits.append(model(w[None].to(device))[0].float().cpu())
+        return torch.stack(logits).mean(0).softmax(-1).numpy()
+    return probs, dict(rate=32_000, channels=1)
+
+
+def clap_model():
+    """-> (embed_audio(wav (1, n) at 48 kHz) -> (512,), embed_text([str]) -> (n, 512)): LAION-CLAP's music
+    checkpoint (HTSAT-base, no fusion); audio goes through 16-bit quantization first, as CLAP was trained."""
+    laion_clap = need("CLAP", "laion-clap", "laion_clap")
+    name = "music_audioset_epoch_15_esc_90.14.pt"
+    path = weight_file("CLAP", name, f"https://huggingface.co/lukewys/laion_clap/resolve/main/{name}")
+    try:
+        model = laion_clap.CLAP_Module(enable_fusion=False, amodel="HTSAT-base", device=device)
+    except Exception as e:  # it loads roberta-base from the Hugging Face hub
+        raise Unavailable(f"CLAP cannot build its text encoder (roberta-base from the Hugging Face hub): "
+                          f"{str(e).splitlines()[0][:160]}") from None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k.removeprefix("module."): v for k, v in state.get("state_dict", state).items()}
+    own = model.model.state_dict()
+    model.model.load_state_dict({k: v for k, v in state.items() if k in own or not k.endswith("position_ids")})
+    torch.manual_seed(seed)  # clips over 10 s: CLAP embeds a random 10 s crop (np.random inside laion_clap)
+    np.random.seed(seed)
+
+    @torch.no_grad()
+    def embed_audio(wav):
+        x = np.round(np.clip(wav, -1, 1) * 32767).astype(np.int16).astype(np.float32) / 32767
+        return model.get_audio_embedding_from_data(torch.from_numpy(x).to(device), use_tensor=True)[0].float().cpu().numpy()
+
+    @torch.no_grad()
+    def embed_text(texts):
+        return model.get_text_embedding(texts, use_tensor=True).float().cpu().numpy()
+    return (embed_audio, embed_text), dict(rate=48_000, channels=1)
+
+
+METRIC_MODELS = dict(fd_openl3=openl3_model, kl_passt=passt_model, clap=clap_model)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """Frechet distance between Gaussians N(mu1, sigma1) and N(mu2, sigma2):
+    |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^1/2). The last trace is computed as the sum of
+    the square roots of the eigenvalues of the symmetric s1^1/2 sigma2 s1^1/2, which has the same spectrum as
+    sigma1 sigma2: symmetric eigensolvers in float64, no complex parts to discard (scipy's sqrtm on the
+    non-symmetric product is what the usual code does)."""
+    mu1, mu2, sigma1, sigma2 = (np.asarray(x, dtype=np.float64) for x in (mu1, mu2, sigma1, sigma2))
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(w.clip(min=0))) @ v.T  # sigma1^1/2
+    middle = root1 @ sigma2 @ root1
+    tr_covmean = np.sqrt(np.linalg.eigvalsh((middle + middle.T) / 2).clip(min=0)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def kl_divergence(p, q, eps=1e-6):
+    """KL(p || q) = sum p (log p - log(q + eps)) for distributions over the last axis (0 log 0 = 0)."""
+    p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
+    return (np.where(p > 0, p * (np.log(np.where(p > 0, p, 1)) - np.log(q + eps)), 0.0)).sum(-1)
+
+
+def cosine(a, b):
+    """Cosine similarity along the last axis."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-8)
+
+
+def load_audio(path, rate, channels):
+    """A file -> float32 (channels, samples) at `rate`, peak-normalized to -1 dBFS. channels=1 averages the
+    channels; channels=2 keeps the first two, or repeats a mono file. ValueError for a file that cannot be used."""
+    import soundfile as sf
+    import soxr
+    try:
+        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)  # (samples, channels)
+    except Exception as e:
+        raise ValueError(f"unreadable: {str(e).splitlines()[0][:160]}") from None
+    peak = np.abs(wav).max() if wav.size else 0.0
+    if not np.isfinite(wav).all() or peak < 1e-6:
+        raise ValueError("empty, silent or not finite")
+    wav = wav.mean(1, keepdims=True) if channels == 1 else np.repeat(wav, 2, 1)[:, :2] if wav.shape[1] == 1 else wav[:, :2]
+    if sr != rate:
+        wav = soxr.resample(wav, sr, rate)
+    wav = wav / np.abs(wav).max() * 10 ** (-1 / 20)
+    return np.ascontiguousarray(wav.T, dtype=np.float32)
+
+
+def wav_files(folder, flag):
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".wav", ".flac", ".ogg", ".mp3")) \
+        if Path(folder).is_dir() else []
+    if not files:
+        sys.exit(f"evaluate.py: --{flag}={folder} holds no audio files (.wav, .flac, .ogg, .mp3)")
+    return {p.stem: p for p in files}
+
+
+def captions_of(gen_files):
+    """-> ({generated stem: caption}, {reference stem: caption}): the generated folder's index.jsonl (sample.py
+    writes one) and --reference_captions (ids matched to stems). Either may be empty."""
+    gen, ref = {}, {}
+    index = next(iter(gen_files.values())).parent / "index.jsonl"
+    if index.exists():
+        for line in index.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            gen[Path(row["file"]).stem] = row["prompt"]
+    if reference_captions:
+        import prepare
+        ref = {Path(k).stem: v for k, v in prepare.read_captions(reference_captions).items()}
+    for stem in gen_files:
+        gen.setdefault(stem, ref.get(stem))
+    return {k: v for k, v in gen.items() if v}, ref
+
+
+def pair_files(gen_files, ref_files, gen_captions, ref_captions):
+    """Each generated file's reference: the file with the same stem, else one whose caption is its caption."""
+    by_caption = {c: stem for stem, c in sorted(ref_captions.items()) if stem in ref_files}
+    pairs = {}
+    for stem in gen_files:
+        ref = stem if stem in ref_files else by_caption.get(gen_captions.get(stem))
+        if ref is not None:
+            pairs[stem] = ref
+    return pairs
+
+
+def each_file(files, spec, problems, desc):
+    """Yield (stem, waveform) for the files that load; what does not is added to problems, not fatal."""
+    for stem, path in tqdm(files.items(), desc=desc, leave=False):
+        try:
+            yield stem, load_audio(path, spec["rate"], spec["channels"])
+        except ValueError as e:
+            problems[str(path)] = str(e)
+
+
+def openl3_stats(embed, spec, files, problems, cache=None):
+    """Mean and covariance of the OpenL3 frames of all files (frames pooled, not averaged per file); cached in
+    `cache` (.npz) with the file list, reused while the list is the same."""
+    names = np.array(sorted(str(p) for p in files.values()))
+    if cache and os.path.exists(cache):
+        saved = np.load(cache)
+        if np.array_equal(saved["files"], names):
+            return saved["mu"], saved["sigma"]
+    frames = np.concatenate([embed(w) for _, w in each_file(files, spec, problems, "OpenL3")])
+    mu, sigma = frames.mean(0), np.cov(frames, rowvar=False)
+    if cache:
+        np.savez(cache + ".tmp.npz", mu=mu, sigma=sigma, files=names)
+        os.replace(cache + ".tmp.npz", cache)
+    return mu, sigma
+
+
+def evaluate_audio():
+    gen_dir = generated
+    if prompts_file:  # generate first, with sample.py's own code
+        import sample
+        gen_dir = os.path.join(out_dir, "samples_eval")
+        sample.main([f"--out_dir={out_dir}", f"--prompts_file={prompts_file}", f"--samples_dir={gen_dir}",
+                     f"--seconds={seconds}", f"--seed={seed}", f"--device={device}", "--overwrite"])
+    if not gen_dir or not reference:
+        sys.exit("evaluate.py: the audio section needs --generated=DIR (or --out_dir with --prompts_file) and --reference=DIR")
+    gen_files, ref_files = wav_files(gen_dir, "generated"), wav_files(reference, "reference")
+    gen_captions, ref_captions = captions_of(gen_files)
+    result = dict(section="audio", generated=gen_dir, reference=reference, n_generated=len(gen_files),
+                  n_reference=len(ref_files), unavailable={}, problems={})
+    for metric in metrics:
+        if metric not in METRIC_MODELS:
+            sys.exit(f"evaluate.py: unknown metric {metric!r} in --metrics; available: {', '.join(METRIC_MODELS)}")
+        try:
+            model, spec = METRIC_MODELS[metric]()
+        except Unavailable as e:
+            result["unavailable"][metric] = str(e)
+            print(f"evaluate.py: {metric} skipped: {e}", file=sys.stderr)
+            continue
+        if metric == "fd_openl3":
+            cache = os.path.join(reference, "fd_openl3_stats.npz") if os.access(reference, os.W_OK) else None
+            mu_r, sigma_r = openl3_stats(model, spec, ref_files, result["problems"], cache)
+            mu_g, sigma_g = openl3_stats(model, spec, gen_files, result["problems"])
+            result["fd_openl3"] = frechet_distance(mu_g, sigma_g, mu_r, sigma_r)
+        elif metric == "kl_passt":  # KL(generated || reference), as stable-audio-metrics computes it
+            pairs = pair_files(gen_files, ref_files, gen_captions, ref_captions)
+            refs = {r: ref_files[r] for r in set(pairs.values())}
+            ref_probs = {r: model(w) for r, w in each_file(refs, spec, result["problems"], "PaSST reference")}
+            kls = [kl_divergence(model(w), ref_probs[pairs[s]])
+                   for s, w in each_file({s: gen_files[s] for s in pairs}, spec, result["problems"], "PaSST")
+                   if pairs[s] in ref_probs]
+            result.update(kl_passt=float(np.mean(kls)) if kls else None, kl_passt_pairs=len(kls))
+        else:
+            embed_audio, embed_text = model
+            with_text = {s: gen_files[s] for s in gen_files if s in gen_captions}
+            sims = [cosine(embed_audio(w), embed_text([gen_captions[s]])[0])
+                    for s, w in each_file(with_text, spec, result["problems"], "CLAP")]
+            result.update(clap=float(np.mean(sims)) if sims else None, clap_files=len(sims))
+    for path, why in result["problems"].items():
+        print(f"evaluate.py: skipped {path}: {why}", file=sys.stderr)
+    return result
+
+
+def print_audio(r):
+    cell = lambda k: f"{r[k]:.4f}" if r.get(k) is not None else "n/a"  # noqa: E731
+    print(f"## audio metrics: {r['n_generated']} generated ({r['generated']}) vs {r['n_reference']} reference ({r['reference']})\n")
+    print("| generated | FD_openl3 | KL_passt | CLAP |\n|---|---|---|---|")
+    print(f"| {r['generated']} | {cell('fd_openl3')} | {cell('kl_passt')} | {cell('clap')} |")
+
+
+# -----------------------------------------------------------------------------
+# stage 2: codebooks 1..K-1 restored from codebook 0
 
 
 def val_codes(ckpt, frames):
     """The first `frames` frames of up to `clips` val clips: (n, K, frames), all stored codebooks."""
-    config = ckpt["config"]
-    root = os.path.join(data_dir or config["data_dir"], config["dataset"])
-    d = read_split(root, split, ckpt["data_meta"])
-    codes = d["codes"]
-    picked = [(o, n) for o, n in d["clips"] if n >= frames][:clips]
+    d = read_split(data_root(ckpt), split, ckpt["data_meta"])
+    picked = [(o, n) for o, n in d["clips"].tolist() if n >= frames][:clips]
     if not picked:
-        sys.exit(f"evaluate.py: no {split} clip in {root} is {seconds} s long; lower --seconds")
-    return torch.stack([torch.from_numpy(codes[:, o:o + frames].astype(np.int64)) for o, _ in picked])
+        sys.exit(f"evaluate.py: no {split} clip in {data_root(ckpt)} is {seconds} s long; lower --seconds")
+    return torch.stack([torch.from_numpy(d["codes"][:, o:o + frames].astype(np.int64)) for o, _ in picked])
 
 
 @torch.no_grad()
@@ -68,37 +604,117 @@ def scores(model, latent, truth):
 
 
 def evaluate_stage2():
-    model, ckpt = load_stage2(os.path.join(stage2_dir, "ckpt.pt"))
-    frame_rate = ckpt["data_meta"]["codec"]["frame_rate"]
-    truth = val_codes(ckpt, round(seconds * frame_rate)).to(device)  # (n, K, T)
-    t0 = time.time()
-    generated = model.sample(truth[:, 0], stage2_steps, generator=torch.Generator().manual_seed(seed))
-    sample_time = time.time() - t0
-    coarse = model.latent(truth[:, :1])  # stage 1 alone: the codebook-0 embedding
-    rows = [dict(method="codebook 0 only (no stage 2)", **scores(model, coarse, truth)),
-            dict(method=f"stage 2, {stage2_steps} steps", **scores(model, generated, truth),
-                 seconds_per_audio_second=sample_time / (len(truth) * seconds))]
+    model, ckpt = load_run(stage2_dir, Stage2Diffusion)
+    truth = val_codes(ckpt, round(seconds * ckpt["data_meta"]["codec"]["frame_rate"])).to(device)  # (n, K, T)
+    rows = [dict(method="codebook 0 only (no stage 2)", **scores(model, model.latent(truth[:, :1]), truth))]
+    for temp in stage2_temperatures:
+        t0 = time.time()
+        latent = model.sample(truth[:, 0], stage2_steps, temperature=temp, generator=torch.Generator().manual_seed(seed))
+        rows.append(dict(method=f"stage 2, {stage2_steps} steps, temperature {temp:g}", **scores(model, latent, truth),
+                         seconds_per_audio_second=(time.time() - t0) / (len(truth) * seconds)))
     return dict(section="stage2", checkpoint=os.path.join(stage2_dir, "ckpt.pt"), iter_num=ckpt["iter_num"],
                 split=split, clips=len(truth), seconds=seconds, device=device,
                 codec_pretrained=ckpt["data_meta"]["codec"]["pretrained"], rows=rows)
 
 
-def main(argv):
-    configure(globals(), argv, "evaluate.py")
-    if section != "stage2":
-        sys.exit(f"evaluate.py: unknown section {section!r}; available: stage2")
-    result = evaluate_stage2()
-    print(f"## stage 2 on {result['clips']} {split} clips x {seconds} s ({result['checkpoint']}, iter {result['iter_num']})\n")
-    print("| method | codebooks 1.. accuracy | per codebook | latent MSE | s per audio second |")
-    print("|---|---|---|---|---|")
-    for r in result["rows"]:
-        print(f"| {r['method']} | {r['acc_mean']:.4f} | {r['acc_per_codebook']} | {r['latent_mse']:.4f} | "
-              f"{r.get('seconds_per_audio_second', ''):{'.4f' if 'seconds_per_audio_second' in r else ''}} |")
-    path = out or os.path.join(stage2_dir, "eval_stage2.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
+def print_stage2(r):
+    print(f"## stage 2 on {r['clips']} {r['split']} clips x {r['seconds']} s ({r['checkpoint']}, iter {r['iter_num']})\n")
+    print("| method | codebooks 1.. accuracy | per codebook | latent MSE | s per audio second |\n|---|---|---|---|---|")
+    for row in r["rows"]:
+        t = row.get("seconds_per_audio_second")
+        print(f"| {row['method']} | {row['acc_mean']:.4f} | {row['acc_per_codebook']} | {row['latent_mse']:.4f} | "
+              f"{'' if t is None else f'{t:.4f}'} |")
+
+
+# -----------------------------------------------------------------------------
+# comparison of runs
+
+
+def read_log(run):
+    path = os.path.join(run, "log.csv")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def run_summary(run):
+    """One row of the comparison: what the checkpoint, log.csv and the run's eval_*.json files hold."""
+    path = os.path.join(run, "ckpt.pt")
+    if not os.path.isfile(path):
+        sys.exit(f"evaluate.py: no checkpoint at {path}; --runs takes train.py out_dirs")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    c = ckpt["config"]
+    log = read_log(run)
+    evals = {}
+    for name in ("offline", "audio"):
+        p = os.path.join(run, f"eval_{name}.json")
+        if os.path.exists(p):
+            evals.update(json.load(open(p)))
+    gains = [r["text_gain"] for r in log if "text_gain" in r]
+    return dict(run=run, variant=f"{c.get('cond')} {c.get('block')}" if c.get("model_type", "lm") == "lm" else "stage 2",
+                params=sum(p.numel() for p in from_checkpoint(ckpt).parameters()), steps=ckpt["iter_num"],
+                tokens=ckpt["tokens_seen"], flops=ckpt["flops_seen"], best_val_loss=ckpt["best_val_loss"],
+                text_gain=evals.get("text_gain", gains[-1] if gains else None),
+                probe=evals.get("probe_generated_mean"), probe_ceiling=evals.get("probe_ceiling_mean"),
+                fd_openl3=evals.get("fd_openl3"), kl_passt=evals.get("kl_passt"), clap=evals.get("clap"), log=log)
+
+
+def compare(run_dirs):
+    rows = [run_summary(r) for r in run_dirs]
+    fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+    print("| run | variant | params | steps | tokens | FLOPs | best val loss | text gain | probe acc (ceiling) | "
+          "FD_openl3 | KL_passt | CLAP |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        probe = "" if r["probe"] is None else f"{r['probe']:.3f} ({r['probe_ceiling']:.3f})"
+        print(f"| {r['run']} | {r['variant']} | {r['params'] / 1e6:.2f}M | {r['steps']} | {r['tokens']:.3g} | "
+              f"{r['flops']:.3g} | {r['best_val_loss']:.4f} | {fmt(r['text_gain'], '+.4f')} | {probe} | "
+              f"{fmt(r['fd_openl3'], '.3f')} | {fmt(r['kl_passt'], '.3f')} | {fmt(r['clap'], '.3f')} |")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for r in rows:
+        points = [p for p in r["log"] if "val_loss" in p]
+        for ax, x in zip(axes, ("iter", "flops_seen")):
+            ax.plot([p[x] for p in points], [p["val_loss"] for p in points], marker=".", label=f"{r['run']} ({r['variant']})")
+    for ax, label in zip(axes, ("steps", "training FLOPs")):
+        ax.set_xlabel(label)
+        ax.set_ylabel("val loss (nats/token)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path = out or "compare.png"
+    fig.savefig(path + ".tmp", format="png", dpi=120)
     os.replace(path + ".tmp", path)
     print(f"\nwrote {path}")
+    return [{k: v for k, v in r.items() if k != "log"} for r in rows]
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv):
+    if "--runs" in argv:  # --runs DIR DIR ...: the folders up to the next --flag
+        i = argv.index("--runs")
+        j = next((k for k in range(i + 1, len(argv)) if argv[k].startswith("--")), len(argv))
+        if j == i + 1:
+            sys.exit("evaluate.py: --runs needs one or more run folders")
+        argv = argv[:i] + [f"--runs={tuple(argv[i + 1:j])!r}"] + argv[j:]
+    configure(globals(), argv, "evaluate.py")
+    if runs:
+        return compare(runs)
+    sections = dict(offline=(evaluate_offline, print_offline, out_dir), audio=(evaluate_audio, print_audio, None),
+                    stage2=(evaluate_stage2, print_stage2, stage2_dir))
+    if section not in sections:
+        sys.exit(f"evaluate.py: unknown section {section!r}; available: {', '.join(sections)} (or --runs DIR ...)")
+    if section == "offline" and not out_dir:
+        sys.exit("evaluate.py: the offline section needs --out_dir=RUN (a train.py out_dir)")
+    evaluate, show, folder = sections[section]
+    result = evaluate()
+    show(result)
+    folder = folder or (out_dir if section == "audio" and out_dir else result.get("generated"))
+    save_json(result, out or os.path.join(folder, f"eval_{section}.json"))
     return result
 
 

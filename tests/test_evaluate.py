@@ -1,48 +1,267 @@
-"""evaluate.py's stage2 section on a tiny stage-2 checkpoint trained here."""
+"""evaluate.py: the metric formulas against closed forms and scipy, audio loading, the audio section with stand-in
+evaluators (the pretrained ones cannot be downloaded here), the offline metrics and probe on tiny runs trained
+here, the comparison table and figure, and the stage-2 section."""
 import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
+import torch
 
 import evaluate
 from conftest import build_tiny_dataset, run_train
+from model import codebook_losses, delay
 
 ROOT = Path(__file__).resolve().parent.parent
+TINY_LM = ["configs/tiny.py", "--seq_len=48", "--batch_size=4", "--eval_iters=1", "--warmup_iters=2",
+           "--learning_rate=3e-3", "--max_iters=6", "--eval_interval=3", "--log_interval=1000"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_evaluate(monkeypatch):
+    """evaluate.py keeps its settings as module globals (as train.py does): each test starts from the defaults."""
+    monkeypatch.chdir(ROOT)
+    importlib.reload(evaluate)
+
+
+# -----------------------------------------------------------------------------
+# formulas
+
+
+def random_stats(rng, d, n):
+    x = rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) / np.sqrt(d)
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+def test_frechet_closed_form_and_scipy():
+    # diagonal covariances: FD = |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2
+    a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 9.0])
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    expected = 1 + 4 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert evaluate.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
+    # isotropic in 512-d: FD = d (s1 - s2)^2 for sigma = s^2 I
+    assert evaluate.frechet_distance(np.zeros(512), 4 * np.eye(512), np.zeros(512), np.eye(512)) == pytest.approx(512.0)
+    rng = np.random.default_rng(0)
+    (m1, s1), (m2, s2) = random_stats(rng, 512, 2000), random_stats(rng, 512, 3000)
+    assert abs(evaluate.frechet_distance(m1, s1, m1, s1)) < 1e-8 * np.trace(s1)  # identical sets
+    fd = evaluate.frechet_distance(m1, s1, m2, s2)
+    assert fd == pytest.approx(evaluate.frechet_distance(m2, s2, m1, s1), rel=1e-9)  # symmetric
+    from scipy import linalg  # the formula as the usual FD code writes it
+    covmean = linalg.sqrtm(s1 @ s2).real
+    reference = ((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+    assert fd == pytest.approx(reference, rel=1e-6)
+    assert fd > 0
+
+
+def test_kl_and_cosine_by_hand():
+    p, q = np.array([0.5, 0.5, 0.0]), np.array([0.25, 0.5, 0.25])
+    assert evaluate.kl_divergence(p, q) == pytest.approx(0.5 * np.log(2), abs=1e-5)  # the 0 in p adds nothing
+    # q puts mass where p has none: finite only through eps, as stable-audio-metrics' formula has it
+    assert evaluate.kl_divergence(q, p) == pytest.approx(0.25 * np.log(0.25 / 0.5) + 0.25 * np.log(0.25 / 1e-6), rel=1e-5)
+    assert evaluate.kl_divergence(p, p) == pytest.approx(0.0, abs=1e-5)
+    assert evaluate.kl_divergence(np.stack([p, q]), np.stack([q, q])).shape == (2,)
+    assert evaluate.cosine([1, 0], [0, 3]) == pytest.approx(0.0)
+    assert evaluate.cosine([1, 2], [2, 4]) == pytest.approx(1.0)
+    assert evaluate.cosine([1, 2], [-1, -2]) == pytest.approx(-1.0)
+
+
+# -----------------------------------------------------------------------------
+# audio loading and the audio section
+
+
+def tone(seconds, rate, freq=440.0, channels=1):
+    t = np.arange(int(seconds * rate)) / rate
+    wav = 0.3 * np.sin(2 * np.pi * freq * t)
+    return np.stack([wav * (1 - 0.5 * c) for c in range(channels)], 1).astype(np.float32)
+
+
+def test_load_audio_rates_channels_lengths(tmp_path):
+    sf.write(tmp_path / "mono16k.wav", tone(1.5, 16000), 16000)
+    sf.write(tmp_path / "stereo44k.flac", tone(2.0, 44100, channels=2), 44100)
+    for name, seconds in (("mono16k.wav", 1.5), ("stereo44k.flac", 2.0)):
+        stereo = evaluate.load_audio(tmp_path / name, 48000, 2)
+        mono = evaluate.load_audio(tmp_path / name, 32000, 1)
+        assert stereo.shape == (2, int(seconds * 48000)) and mono.shape == (1, int(seconds * 32000))
+        assert stereo.dtype == np.float32
+        assert np.abs(stereo).max() == pytest.approx(10 ** (-1 / 20), rel=1e-5)  # peak-normalized to -1 dBFS
+    left, right = evaluate.load_audio(tmp_path / "stereo44k.flac", 48000, 2)
+    assert np.abs(right).max() < 0.6 * np.abs(left).max()  # the channels stay apart
+    assert np.array_equal(*evaluate.load_audio(tmp_path / "mono16k.wav", 48000, 2))  # mono repeated
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x00\x00not a wav file")
+    sf.write(tmp_path / "silent.wav", np.zeros(16000, dtype=np.float32), 16000)
+    for bad, why in (("corrupt.wav", "unreadable"), ("silent.wav", "silent")):
+        with pytest.raises(ValueError, match=why):
+            evaluate.load_audio(tmp_path / bad, 48000, 1)
+
+
+def fake_models(calls):
+    """Stand-ins with the real evaluators' interfaces: 'embeddings' from a few spectrum bands."""
+    def bands(wav, n):
+        spec = np.abs(np.fft.rfft(wav.mean(0)))
+        return np.array([c.sum() for c in np.array_split(spec, n)]) / (spec.sum() + 1e-9)
+
+    def openl3():
+        calls.append("openl3")
+        return (lambda wav: np.stack([bands(wav[:, s:s + 4800], 8) for s in range(0, wav.shape[1] - 4800, 2400)])), \
+            dict(rate=48000, channels=2)
+
+    def passt():
+        calls.append("passt")
+        return (lambda wav: bands(wav, 16)), dict(rate=32000, channels=1)
+
+    def clap():
+        raise evaluate.Unavailable("CLAP needs the laion-clap package: pip install laion-clap")
+    return dict(fd_openl3=openl3, kl_passt=passt, clap=clap)
+
+
+def test_audio_section_pairs_reports_and_survives(tmp_path, monkeypatch, capsys):
+    gen, ref = tmp_path / "gen", tmp_path / "ref"
+    gen.mkdir(), ref.mkdir()
+    for i, freq in enumerate((220, 330, 440)):
+        sf.write(ref / f"ref{i}.wav", tone(2.0, 44100, freq, channels=2), 44100)
+        sf.write(gen / f"a-song-{i}_0.wav", tone(1.0 + i, 24000, freq * 1.02), 24000)
+    (gen / "a-song-9_0.wav").write_bytes(b"junk")  # corrupt: reported, not fatal
+    (gen / "index.jsonl").write_text("".join(json.dumps(dict(file=f"a-song-{i}_0.wav", prompt=f"song {i}")) + "\n"
+                                             for i in range(3)))
+    (tmp_path / "captions.csv").write_text("id,caption\n" + "".join(f"ref{i},song {i}\n" for i in range(3)))
+    calls = []
+    monkeypatch.setattr(evaluate, "METRIC_MODELS", fake_models(calls))
+    result = evaluate.main(["--section=audio", f"--generated={gen}", f"--reference={ref}",
+                            f"--reference_captions={tmp_path / 'captions.csv'}"])
+    assert result["n_generated"] == 4 and result["kl_passt_pairs"] == 3  # paired by caption, the corrupt one left out
+    assert result["fd_openl3"] > 0 and result["kl_passt"] > 0
+    assert "clap" not in result
+    assert "laion-clap" in result["unavailable"]["clap"]
+    assert list(result["problems"]) == [str(gen / "a-song-9_0.wav")]
+    assert json.loads((gen / "eval_audio.json").read_text())["fd_openl3"] == pytest.approx(result["fd_openl3"])
+    assert (ref / "fd_openl3_stats.npz").exists()
+    out = capsys.readouterr()
+    assert "| FD_openl3 | KL_passt | CLAP |" in out.out and "n/a" in out.out and "a-song-9_0.wav" in out.err
+    # the reference statistics come from the cache the second time; the same set against itself is at 0
+    again = evaluate.main(["--section=audio", f"--generated={ref}", f"--reference={ref}", "--metrics=('fd_openl3',)"])
+    assert abs(again["fd_openl3"]) < 1e-9
+
+
+def test_metric_without_package_says_what_to_install():
+    with pytest.raises(evaluate.Unavailable, match="pip install no-such-package"):
+        evaluate.need("X", "no-such-package", "no_such_module_here")
+
+
+# -----------------------------------------------------------------------------
+# offline metrics, the probe and the comparison, on tiny runs
 
 
 @pytest.fixture(scope="module")
-def stage2_dir(tmp_path_factory):
+def data_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
     build_tiny_dataset(tmp, "--synth_songs=6", "--max_text_tokens=8", "--val_fraction=0.34")
-    r = run_train(tmp, tmp / "stage2", "configs/stage2_diffusion.py", "--unet_channels=(32,32,64)", "--seq_len=32",
-                  "--batch_size=4", "--max_iters=3", "--eval_interval=3", "--eval_iters=1",
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def lm_runs(data_dir):
+    runs = []
+    for variant in ("prefix_simba", "prefix_transformer"):
+        r = run_train(data_dir, data_dir / variant, f"configs/{variant}.py", *TINY_LM)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs.append(data_dir / variant)
+    return runs
+
+
+def test_val_nll_is_the_training_loss_on_a_whole_clip(lm_runs):
+    model, ckpt = evaluate.load_run(str(lm_runs[0]), evaluate.MusicLM)
+    d = evaluate.read_split(evaluate.data_root(ckpt), "val", ckpt["data_meta"])
+    L = int(d["clips"][0][1])  # one window per clip: the loss train.py computes on that crop
+    nll, nll_notext = evaluate.val_nll(model, d, L)
+    K, V = model.config.n_codebooks, model.config.codebook_size
+    per_clip = []
+    for i, (o, n) in enumerate(d["clips"].tolist()):
+        seq = delay(torch.from_numpy(d["codes"][:K, o:o + n].astype(np.int64))[None], V)
+        text = torch.from_numpy(d["text"][i:i + 1].astype(np.float32))
+        mask = torch.arange(text.shape[1])[None] < int(d["text_len"][i])
+        logits, _ = model(seq[:, :, :-1], text, mask)
+        per_clip.append(codebook_losses(logits, seq[:, :, 1:]))
+    assert torch.allclose(nll, torch.stack(per_clip).mean(0), atol=1e-5)  # equal-length clips: a plain mean
+    assert nll.shape == (K,) and (nll_notext != nll).any()
+
+
+def test_offline_section_and_comparison(lm_runs, tmp_path, capsys):
+    result = evaluate.main(["--section=offline", f"--out_dir={lm_runs[0]}", "--probe_seconds=1.0", "--probe_iters=20",
+                            "--gen_per_caption=1"])
+    assert result["text_gain"] == pytest.approx(result["nll_notext"] - result["nll"], abs=1e-6)
+    assert len(result["nll_per_codebook"]) == 4
+    assert set(result["probe_attributes"]) >= {"instrument", "mode", "bpm", "drums"}
+    for key in ("probe_ceiling", "probe_chance", "probe_generated", "probe_generated_no_caption"):
+        assert len(result[key]) == len(result["probe_attributes"])
+        assert all(x is None or 0 <= x <= 1 for x in result[key]) and any(x is not None for x in result[key])
+    assert (lm_runs[0] / "eval_offline.json").exists()
+    assert list(Path(evaluate.data_root(torch.load(lm_runs[0] / "ckpt.pt", weights_only=True))).glob("probe_*.pt"))
+    png = tmp_path / "runs.png"
+    rows = evaluate.main(["--runs", *map(str, lm_runs), f"--out={png}"])
+    table = capsys.readouterr().out
+    assert [r["variant"] for r in rows] == ["prefix simba", "prefix transformer"]
+    assert rows[0]["probe"] == pytest.approx(result["probe_generated_mean"]) and rows[1]["probe"] is None
+    assert all(r["steps"] == 6 and r["params"] > 0 and r["flops"] > 0 for r in rows)
+    assert table.count("| " + str(lm_runs[0])) == 1 and table.count("| " + str(lm_runs[1])) == 1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_probe_reads_attributes_from_real_tokens_and_not_from_shuffled_ones(tmp_path):
+    build_tiny_dataset(tmp_path, "--synth_songs=120", "--max_text_tokens=8", "--val_fraction=0.2")
+    root = tmp_path / "tiny"
+    meta = json.loads((root / "meta.json").read_text())
+    _, classes, real, chance = evaluate.train_probe(root, meta, 150, 400)
+    _, _, shuffled, _ = evaluate.train_probe(root, meta, 150, 400, shuffle=True)
+    assert chance == [1 / len(c) for c in classes.values()]
+    assert dict(zip(classes, real))["dynamics"] >= 0.6  # loudness is plain in any codec's tokens (chance 0.33)
+    # 96 train songs of 2 s, 24 val songs: above guessing and clearly above the same probe on shuffled captions
+    # (on data/synth, 54 songs of 60 s, the ceiling is 0.53 against chance 0.28: README)
+    assert evaluate.mean(real) > max(evaluate.mean(chance), evaluate.mean(shuffled)) + 0.05
+    assert evaluate.mean(shuffled) < evaluate.mean(chance) + 0.05  # captions of other songs: nothing to learn
+
+
+# -----------------------------------------------------------------------------
+# stage 2
+
+
+@pytest.fixture(scope="module")
+def stage2_dir(data_dir):
+    r = run_train(data_dir, data_dir / "stage2", "configs/stage2_diffusion.py", "--unet_channels=(32,32,64)",
+                  "--seq_len=32", "--batch_size=4", "--max_iters=3", "--eval_interval=3", "--eval_iters=1",
                   "--gradient_accumulation_steps=1")
     assert r.returncode == 0, r.stderr[-2000:]
-    return tmp / "stage2"
+    return data_dir / "stage2"
 
 
-def test_stage2_section(stage2_dir, monkeypatch):
-    monkeypatch.chdir(ROOT)
-    importlib.reload(evaluate)
-    result = evaluate.main([f"--stage2_dir={stage2_dir}", "--seconds=1.0", "--stage2_steps=2", "--clips=2"])
+def test_stage2_section(stage2_dir):
+    result = evaluate.main(["--section=stage2", f"--stage2_dir={stage2_dir}", "--seconds=1.0", "--stage2_steps=2",
+                            "--clips=2", "--stage2_temperatures=(1.0, 0.0)"])
     saved = json.loads((stage2_dir / "eval_stage2.json").read_text())
     assert saved == json.loads(json.dumps(result))
-    baseline, stage2 = result["rows"]
+    baseline, warm, cold = result["rows"]
     assert result["clips"] == 2 and len(baseline["acc_per_codebook"]) == 7
-    for row in (baseline, stage2):
+    for row in (baseline, warm, cold):
         assert 0 <= row["acc_mean"] <= 1 and row["latent_mse"] >= 0
-    assert stage2["seconds_per_audio_second"] > 0
+    assert warm["seconds_per_audio_second"] > 0 and "temperature 0" in cold["method"]
     # the measure itself: the true latent re-quantizes to its own codes with no error
-    model, ckpt = evaluate.load_stage2(str(stage2_dir / "ckpt.pt"))
+    model, ckpt = evaluate.load_run(str(stage2_dir), evaluate.Stage2Diffusion)
     truth = evaluate.val_codes(ckpt, 75)
-    assert evaluate.scores(model, model.latent(truth), truth)["acc_mean"] > 0.9  # the truth re-quantizes to itself
+    assert evaluate.scores(model, model.latent(truth), truth)["acc_mean"] > 0.9
     assert evaluate.scores(model, model.latent(truth), truth)["latent_mse"] == pytest.approx(0.0, abs=1e-8)
 
 
-def test_missing_checkpoint_one_line():
-    r = subprocess.run([sys.executable, "evaluate.py", "--stage2_dir=/no/such/run"], cwd=ROOT, capture_output=True,
-                       text=True)
-    assert r.returncode != 0 and r.stderr.strip() == "evaluate.py: no stage-2 checkpoint at /no/such/run/ckpt.pt; set --stage2_dir"
+@pytest.mark.parametrize("argv, message", [
+    (["--section=stage2", "--stage2_dir=/no/such/run"], "evaluate.py: no checkpoint at /no/such/run/ckpt.pt; set --stage2_dir"),
+    (["--section=offline"], "evaluate.py: the offline section needs --out_dir=RUN (a train.py out_dir)"),
+    (["--section=audio", "--generated=/no/such/dir", "--reference=/tmp"],
+     "evaluate.py: --generated=/no/such/dir holds no audio files (.wav, .flac, .ogg, .mp3)"),
+    (["--runs"], "evaluate.py: --runs needs one or more run folders"),
+    (["--section=nope"], "evaluate.py: unknown section 'nope'; available: offline, audio, stage2 (or --runs DIR ...)"),
+])
+def test_bad_input_one_line(argv, message):
+    r = subprocess.run([sys.executable, "evaluate.py", *argv], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip() == message
