@@ -2,6 +2,7 @@
 
     python bench.py                          # kernel section on CPU: reference loop vs pscan vs the CPU path
     python bench.py --device=cuda            # + the Triton kernels, with GB/s and % of HBM bandwidth
+    python bench.py --section=train          # one optimizer step per paper variant at 30 s, 60 s, 120 s of tokens
     python bench.py --section=generate       # ms per generated step, cached vs recomputed (--size=paper on a GPU)
     python bench.py --section=stage2         # two-stage design: stage 2's cost vs the LM's extra codebooks
     python bench.py --section=all
@@ -14,11 +15,19 @@ pure PyTorch. The CPU path's bar is to beat it at forward+backward.
 GB/s counts the bytes a scan must move at the least, each tensor read or written once:
 forward reads u, delta, z, B, C and writes out; the backward reads them and dout again and
 writes du, ddelta, dz, dB, dC. Nothing (batch, dim, L, N)-sized is counted: no path needs it.
+On CUDA, where mamba_ssm imports, its Triton chunked scan (mamba_chunk_scan_combined) runs the Mamba-2 shape
+beside ours ("mamba_ssm" rows; one dt per head, as Mamba-2 has it).
+
+train: one optimizer step (forward, backward, AdamW; bf16 autocast on CUDA, as train.py) of each paper variant
+on one crop of 30 s of tokens plus the text prefix, and of 2x and 4x that: tokens/s, MFU and peak memory (CUDA),
+and the speed relative to the Transformer with the same conditioning. SSM cost grows linearly with length,
+attention's quadratically.
 
 generate: milliseconds per generated step of prefix_simba and prefix_transformer (configs/, shrunk by
 configs/tiny.py unless --size=paper) at given positions, for one caption with classifier-free guidance
 (a batch of 2 rows): with the caches (the SSM's fixed-size state, attention's KV cache) and by running
-the whole sequence again at every step, as the paper's official implementation does.
+the whole sequence again at every step, as the paper's official implementation does; and the real-time factor
+of generating 30 s for one caption (compute seconds per second of audio, codec decoding not included).
 
 stage2: seconds of compute per second of audio (batch 1, 10 s): the stage-2 diffusion model at 25 steps, and
 the single-stage LM's cost of writing codebooks 1..3 itself (prefix_simba minus two_stage_simba).
@@ -175,6 +184,30 @@ def scan_inputs(batch, dim, N, L, device, dtype, heads=None):
     return {k: v.requires_grad_() for k, v in x.items()}
 
 
+def mamba_ssm_paths(shape, device):
+    """{"mamba_ssm": fn} with our scan's signature, running mamba_ssm's Triton chunked scan (Mamba-2), when it
+    imports (from its source tree; its CUDA extension is not needed): {} otherwise. The inputs are converted to
+    its layout (x (b, L, heads, headdim), one dt per head) inside fn; the conversion is a few copies, counted."""
+    if device != "cuda" or shape != "mamba2":
+        return {}
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except ImportError:
+        return {}
+
+    def fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        b, dim, L = u.shape
+        h = 8
+        p = dim // h
+        heads = lambda t: t.view(b, h, p, L).permute(0, 3, 1, 2)  # noqa: E731  (b, dim, L) -> (b, L, h, p)
+        y = mamba_chunk_scan_combined(heads(u), heads(delta)[..., 0], A.view(h, p, -1)[:, 0, 0],
+                                      B.permute(0, 3, 1, 2), C.permute(0, 3, 1, 2), chunk_size=256,  # (b, L, 1, N)
+                                      D=D.view(h, p)[:, 0], z=heads(z), dt_bias=delta_bias.view(h, p)[:, 0],
+                                      dt_softplus=delta_softplus)  # (b, L, h, p)
+        return y.permute(0, 2, 3, 1).reshape(b, dim, L)
+    return {"mamba_ssm": fn}
+
+
 def bench_kernel(device, dtype, reps):
     rows = []
     paths = {"reference": scan.selective_scan_ref}
@@ -190,7 +223,7 @@ def bench_kernel(device, dtype, reps):
         bytes_fwd = 4 * seq + 2 * bc  # u, delta, z, out; B, C
         bytes_bwd = bytes_fwd + 7 * seq + 4 * bc  # + u, delta, z, dout, du, ddelta, dz; B, C, dB, dC
         dout = torch.randn(batch, dim, L, device=device, dtype=dtype)
-        for path, fn in paths.items():
+        for path, fn in {**paths, **mamba_ssm_paths(name, device)}.items():
             r = 1 if path == "reference" else reps
 
             def fwd():
@@ -216,11 +249,53 @@ def bench_kernel(device, dtype, reps):
     return rows
 
 
+TRAIN_MODELS = ("prefix_simba", "prefix_mamba", "cross_simba", "prefix_transformer", "cross_transformer")
+
+
+def bench_train(device, reps, size, seconds=30.0, multiples=(1, 2, 4)):
+    """One optimizer step (forward, backward, AdamW) of each paper variant on one crop of 30 s of tokens (plus
+    the text prefix) and of 2x and 4x that: tokens/s, MFU (CUDA, bf16 autocast as train.py) and peak memory."""
+    rows = []
+    for name in TRAIN_MODELS:
+        cfg = model.read_config(f"configs/{name}.py", *(["configs/tiny.py"] if size == "tiny" else []))
+        m = model.MusicLM(cfg).to(device)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=device == "cuda")
+        g = torch.Generator().manual_seed(0)
+        text = torch.randn(1, cfg.max_text_len, cfg.text_dim, generator=g).to(device)
+        mask = torch.ones(1, cfg.max_text_len, dtype=torch.bool, device=device)
+        for mult in multiples:
+            frames = round(mult * seconds * 75)
+            seq = model.delay(torch.randint(0, cfg.codebook_size, (1, cfg.n_codebooks, frames), generator=g),
+                              cfg.codebook_size).to(device)  # (1, K, frames + K)
+
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+                    _, loss = m(seq[:, :, :-1], text, mask, seq[:, :, 1:])
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t = timeit(step, device, reps)
+            positions = frames + cfg.n_codebooks - 1
+            peak = model.peak_flops() if device == "cuda" else None
+            rows.append(dict(model=name, size=size, params_M=round(m.num_params() / 1e6, 2), seconds=mult * seconds,
+                             positions=positions, ms_per_step=1e3 * t, tokens_per_s=positions / t,
+                             mfu_pct=None if not peak else 100 * m.estimate_flops_per_token(positions) * positions / t / peak,
+                             peak_mem_GB=torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None))
+    by = {(r["model"], r["seconds"]): r for r in rows}
+    for r in rows:  # against the Transformer with the same conditioning, at the same length
+        base = by.get((r["model"].split("_")[0] + "_transformer", r["seconds"]))
+        r["speed_vs_transformer"] = base["ms_per_step"] / r["ms_per_step"] if base else None
+    return rows
+
+
 GENERATE_MODELS = ("prefix_simba", "prefix_transformer")
 
 
 @torch.no_grad()
-def bench_generate(device, dtype, reps, size, positions):
+def bench_generate(device, dtype, reps, size, positions, rtf_seconds=30.0):
     rows = []
     for name in GENERATE_MODELS:
         files = [f"configs/{name}.py"] + (["configs/tiny.py"] if size == "tiny" else [])
@@ -241,6 +316,12 @@ def bench_generate(device, dtype, reps, size, positions):
         for pos in tqdm(positions, desc=f"{name}: recomputed steps", leave=False):
             t = timeit(lambda: m(tokens[:, :, :pos + 1], text, mask), device, reps)
             rows.append(dict(base, mode="recompute", position=pos, ms_per_step=1e3 * t))
+        frames = round(rtf_seconds * 75)  # real-time factor: one caption, all of generate() (prefill, sampling, CFG)
+        t = timeit(lambda: m.generate(text[:1], mask[:1], frames, cfg=3.0), device, 1)
+        rows.append(dict(base, mode=f"generate {rtf_seconds:g} s, cfg 3", position=frames,
+                         ms_per_step=1e3 * t / (frames + cfg.n_codebooks - 1), rtf=t / rtf_seconds))
+    for r in rows:
+        r.setdefault("rtf", None)
     return rows
 
 
@@ -280,13 +361,13 @@ def markdown(rows):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--section", default="kernel", choices=["kernel", "generate", "stage2", "all"])
+    p.add_argument("--section", default="kernel", choices=["kernel", "train", "generate", "stage2", "all"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--reps", type=int, default=5, help="timed runs per measurement (the reference runs once)")
     p.add_argument("--size", default=None, choices=["tiny", "paper"],
-                   help="generate, stage2: model size (default: paper on CUDA, tiny on CPU)")
-    p.add_argument("--positions", default="100,2000", help="generate: positions to time, comma-separated")
+                   help="train, generate, stage2: model size (default: paper on CUDA, tiny on CPU)")
+    p.add_argument("--positions", default="100,1000,4000", help="generate: positions to time, comma-separated")
     p.add_argument("--out", default="out-bench", help="folder for the JSON files")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -295,6 +376,7 @@ def main():
     size = args.size or ("paper" if args.device == "cuda" else "tiny")
     positions = [int(x) for x in args.positions.split(",")]
     sections = {"kernel": lambda: bench_kernel(args.device, dtype, args.reps),
+                "train": lambda: bench_train(args.device, args.reps, size),
                 "generate": lambda: bench_generate(args.device, dtype, args.reps, size, positions),
                 "stage2": lambda: bench_stage2(args.device, dtype, size)}
     for section in sections if args.section == "all" else [args.section]:

@@ -537,6 +537,17 @@ class MusicLM(nn.Module):
         return flops if breakdown else sum(flops.values())
 
 
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12,
+              "RTX 3090": 71e12}  # dense bf16 tensor-core peaks by GPU name, for MFU
+
+
+def peak_flops():
+    """The bf16 peak of this process's CUDA device, or None (a CPU, or a GPU not in PEAK_FLOPS)."""
+    if not torch.cuda.is_available():
+        return None
+    return next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+
+
 def codebook_losses(logits, targets, label_smoothing=0.0):
     """Cross-entropy per codebook over positions whose target is a real token: logits (B, K, S, V),
     targets (B, K, S) with the special token V where there is nothing to predict -> (K,)."""

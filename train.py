@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
-from model import ModelConfig, MusicLM, Stage2Config, Stage2Diffusion, codebook_losses, delay
+from model import ModelConfig, MusicLM, Stage2Config, Stage2Diffusion, codebook_losses, delay, peak_flops
 from prepare import load_dataset_codec, read_split
 
 # -----------------------------------------------------------------------------
@@ -256,15 +256,8 @@ def evaluate():
                 **{f"val_loss_cb{k}": v for k, v in enumerate(per_cb[False].tolist())})
 
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12,
-              "RTX 3090": 71e12}  # dense bf16 tensor-core peaks, for MFU
-
-
 def mfu(tokens_per_s):
-    if device_type != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    peak = peak_flops() if device_type == "cuda" else None
     return None if peak is None else flops_per_token * tokens_per_s / (peak * world_size)
 
 
