@@ -252,7 +252,7 @@ def bench_kernel(device, dtype, reps):
 TRAIN_MODELS = ("prefix_simba", "prefix_mamba", "cross_simba", "prefix_transformer", "cross_transformer")
 
 
-def bench_train(device, reps, size, seconds=30.0, multiples=(1, 2, 4)):
+def bench_train(device, reps, size, seconds=30.0, multiples=(1, 2, 4), profile=False):
     """One optimizer step (forward, backward, AdamW) of each paper variant on one crop of 30 s of tokens (plus
     the text prefix) and of 2x and 4x that: tokens/s, MFU (CUDA, bf16 autocast as train.py) and peak memory."""
     rows = []
@@ -278,6 +278,12 @@ def bench_train(device, reps, size, seconds=30.0, multiples=(1, 2, 4)):
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             t = timeit(step, device, reps)
+            if profile and mult == multiples[0]:  # where the step's time goes, by operator
+                with torch.profiler.profile() as prof:
+                    step()
+                print(f"\n{name}, {mult * seconds:g} s: torch.profiler, one step\n" +
+                      prof.key_averages().table(sort_by="self_device_time_total" if device == "cuda" else "self_cpu_time_total",
+                                                row_limit=20))
             positions = frames + cfg.n_codebooks - 1
             peak = model.peak_flops() if device == "cuda" else None
             rows.append(dict(model=name, size=size, params_M=round(m.num_params() / 1e6, 2), seconds=mult * seconds,
@@ -368,6 +374,7 @@ def main():
     p.add_argument("--size", default=None, choices=["tiny", "paper"],
                    help="train, generate, stage2: model size (default: paper on CUDA, tiny on CPU)")
     p.add_argument("--positions", default="100,1000,4000", help="generate: positions to time, comma-separated")
+    p.add_argument("--profile", action="store_true", help="train: print a torch.profiler table per model at 30 s")
     p.add_argument("--out", default="out-bench", help="folder for the JSON files")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -376,7 +383,7 @@ def main():
     size = args.size or ("paper" if args.device == "cuda" else "tiny")
     positions = [int(x) for x in args.positions.split(",")]
     sections = {"kernel": lambda: bench_kernel(args.device, dtype, args.reps),
-                "train": lambda: bench_train(args.device, args.reps, size),
+                "train": lambda: bench_train(args.device, args.reps, size, profile=args.profile),
                 "generate": lambda: bench_generate(args.device, dtype, args.reps, size, positions),
                 "stage2": lambda: bench_stage2(args.device, dtype, size)}
     for section in sections if args.section == "all" else [args.section]:

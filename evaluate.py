@@ -347,8 +347,9 @@ def weight_file(metric, name, url):
 def need(metric, package, module):
     try:
         return __import__(module, fromlist=["_"])
-    except ImportError:
-        raise Unavailable(f"{metric} needs the {package} package: pip install {package}") from None
+    except Exception as e:  # not installed, or one of its imports fails (hear21passt imports torchaudio)
+        raise Unavailable(f"{metric} needs the {package} package (import {module}: {str(e).splitlines()[0][:120]}): "
+                          f"pip install {package}") from None
 
 
 def openl3_model():
@@ -532,7 +533,7 @@ def evaluate_audio():
         import sample
         gen_dir = os.path.join(out_dir, "samples_eval")
         sample.main([f"--out_dir={out_dir}", f"--prompts_file={prompts_file}", f"--samples_dir={gen_dir}",
-                     f"--seconds={seconds}", f"--seed={seed}", f"--device={device}", "--overwrite"])
+                     f"--seconds={seconds}", f"--seed={seed}", f"--device={device}", "--overwrite=True"])
     if not gen_dir or not reference:
         sys.exit("evaluate.py: the audio section needs --generated=DIR (or --out_dir with --prompts_file) and --reference=DIR")
     gen_files, ref_files = wav_files(gen_dir, "generated"), wav_files(reference, "reference")

@@ -146,8 +146,24 @@ def test_audio_section_pairs_reports_and_survives(tmp_path, monkeypatch, capsys)
     assert abs(again["fd_openl3"]) < 1e-9
 
 
+def test_audio_section_generates_from_prompts_first(lm_runs, tmp_path, monkeypatch):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i, freq in enumerate((220, 330)):
+        sf.write(ref / f"r{i}.wav", tone(1.0, 24000, freq), 24000)
+    (tmp_path / "prompts.txt").write_text("a soft piano\na loud synth lead\n")
+    monkeypatch.setattr(evaluate, "METRIC_MODELS", fake_models([]))
+    result = evaluate.main(["--section=audio", f"--out_dir={lm_runs[0]}", f"--prompts_file={tmp_path / 'prompts.txt'}",
+                            "--seconds=0.5", f"--reference={ref}", "--metrics=('fd_openl3', 'clap')"])
+    samples = lm_runs[0] / "samples_eval"
+    assert result["generated"] == str(samples) and result["n_generated"] == 2
+    assert sorted(p.name for p in samples.glob("*.wav")) == ["a-loud-synth-lead_0.wav", "a-soft-piano_0.wav"]
+    assert np.isfinite(result["fd_openl3"]) and "clap" in result["unavailable"]
+    assert (lm_runs[0] / "eval_audio.json").exists()
+
+
 def test_metric_without_package_says_what_to_install():
-    with pytest.raises(evaluate.Unavailable, match="pip install no-such-package"):
+    with pytest.raises(evaluate.Unavailable, match="pip install no-such-package$"):
         evaluate.need("X", "no-such-package", "no_such_module_here")
 
 
