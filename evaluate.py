@@ -11,9 +11,10 @@ offline (no pretrained evaluator; data prepare.py wrote): the val NLL per codebo
   data, predicts each caption attribute (instrument, tempo, mode, drums...) from a window of codebook-0 tokens.
   Its accuracy on real val tokens is the ceiling; its accuracy on tokens the model generates from the val captions
   is the score (a model that ignores the text scores at chance, as it does with the caption dropped).
-audio: the paper's metrics, computed as Stability-AI's stable-audio-metrics computes them (differences below).
+audio: the paper's metrics, computed as Stability-AI's stable-audio-metrics computes them (the README lists where
+  we differ).
   FD_openl3: Frechet distance between Gaussians fitted to OpenL3 embeddings (music, mel256, 512-d, 0.5 s hop) of
-  the generated and the reference set. KL_passt: KL(reference || generated) between PaSST's AudioSet label
+  the generated and the reference set. KL_passt: KL(generated || reference) between PaSST's AudioSet label
   distributions of each generated file and its reference (same file stem, or the same caption via
   --reference_captions). CLAP score: cosine of LAION-CLAP (music checkpoint) audio and caption embeddings.
 stage2: how well the stage-2 diffusion model restores the full codec latent from ground-truth codebook-0 tokens
@@ -245,16 +246,23 @@ def train_probe(root, meta, frames, iters, shuffle=False, seed=0):
 
 
 def cached_probe(root, meta, frames):
-    """The probe for this dataset and window, trained once and kept at <data>/probe_<frames>.pt."""
+    """The probe for this dataset and window, trained once and kept at <data>/probe_<frames>.pt (trained again
+    if the file was written with other settings or by an older Probe)."""
     path = os.path.join(root, f"probe_{frames}.pt")
     if os.path.exists(path):
         saved = torch.load(path, map_location="cpu", weights_only=True)
         probe = Probe(meta["codec"]["codebook_size"], [len(c) for c in saved["classes"].values()])
-        probe.load_state_dict(saved["state"])
-        return probe, saved["classes"], saved["ceiling"], saved["chance"]
+        try:
+            probe.load_state_dict(saved["state"])
+            same = saved.get("iters") == probe_iters and saved.get("seed") == seed
+        except RuntimeError:  # another Probe's weights
+            same = False
+        if same:
+            return probe, saved["classes"], saved["ceiling"], saved["chance"]
     probe, classes, ceiling, chance = train_probe(root, meta, frames, probe_iters, seed=seed)
     if probe is not None:
-        torch.save(dict(state=probe.state_dict(), classes=classes, ceiling=ceiling, chance=chance), path + ".tmp")
+        torch.save(dict(state=probe.state_dict(), classes=classes, ceiling=ceiling, chance=chance, iters=probe_iters,
+                        seed=seed), path + ".tmp")
         os.replace(path + ".tmp", path)
     return probe, classes, ceiling, chance
 

@@ -215,7 +215,11 @@ def test_offline_section_and_comparison(lm_runs, tmp_path, capsys):
         assert len(result[key]) == len(result["probe_attributes"])
         assert all(x is None or 0 <= x <= 1 for x in result[key]) and any(x is not None for x in result[key])
     assert (lm_runs[0] / "eval_offline.json").exists()
-    assert list(Path(evaluate.data_root(torch.load(lm_runs[0] / "ckpt.pt", weights_only=True))).glob("probe_*.pt"))
+    ckpt = torch.load(lm_runs[0] / "ckpt.pt", weights_only=True)
+    [cache] = Path(evaluate.data_root(ckpt)).glob("probe_*.pt")
+    stamp = cache.stat().st_mtime_ns  # the same settings again: the cached probe, not a new one
+    assert evaluate.cached_probe(evaluate.data_root(ckpt), ckpt["data_meta"], 75)[2] == result["probe_ceiling"]
+    assert cache.stat().st_mtime_ns == stamp
     png = tmp_path / "runs.png"
     rows = evaluate.main(["--runs", *map(str, lm_runs), f"--out={png}"])
     table = capsys.readouterr().out
