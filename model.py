@@ -170,9 +170,9 @@ class Mamba1(nn.Module):
     def forward(self, x, cache=None):  # x: (B, L, d_model)
         L = x.shape[1]
         u, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (B, d_in, L) each
-        A = -torch.exp(self.A_log.float())  # (d_in, N), fp32 even under autocast
         if cache is not None and "ssm" in cache:  # continue from the cached state, one step at a time
-            return torch.stack([self._step(u[:, :, t], z[:, :, t], A, cache) for t in range(L)], 1)
+            return torch.stack([self._step(u[:, :, t], z[:, :, t], cache) for t in range(L)], 1)
+        A = -torch.exp(self.A_log.float())  # (d_in, N), fp32 even under autocast
         if cache is not None:
             cache["conv"] = _last_inputs(u, self.d_conv)  # (B, d_in, d_conv)
         u = F.silu(self.conv1d(u)[..., :L])  # causal: drop the right padding
@@ -182,13 +182,15 @@ class Mamba1(nn.Module):
                            self.dt_proj.bias.float(), delta_softplus=True, return_last_state=cache is not None)
         if cache is not None:
             y, cache["ssm"] = y  # last state (B, d_in, N), fp32
+            cache["params"] = A, self.D.float(), self.dt_proj.bias.float()  # the same at every step: kept
         return self.out_proj(y.transpose(1, 2))
 
-    def _step(self, u, z, A, cache):  # u, z: (B, d_in) -> (B, d_model)
+    def _step(self, u, z, cache):  # u, z: (B, d_in) -> (B, d_model)
+        A, D, dt_bias = cache["params"]
         u = F.silu(_causal_conv_step(cache["conv"], u, self.conv1d))
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.N, self.N], dim=-1)
-        y = selective_state_update(cache["ssm"], u, dt @ self.dt_proj.weight.t(), A, B, C, self.D.float(), z,
-                                   self.dt_proj.bias.float(), dt_softplus=True)
+        y = selective_state_update(cache["ssm"], u, dt @ self.dt_proj.weight.t(), A, B, C, D, z, dt_bias,
+                                   dt_softplus=True)
         return self.out_proj(y)
 
 
@@ -226,12 +228,11 @@ class Mamba2(nn.Module):
     def forward(self, x, cache=None):  # x: (B, L, d_model)
         L = x.shape[1]
         z, xBC, dt = self.in_proj(x).split([self.d_in, self.d_in + 2 * self.N, self.n_heads], dim=-1)
-        A = -torch.exp(self._per_channel(self.A_log.float()))[:, None].expand(self.d_in, self.N)  # (d_in, N)
-        D, dt_bias = self._per_channel(self.D.float()), self._per_channel(self.dt_bias.float())  # (d_in,)
         if cache is not None and "ssm" in cache:  # continue from the cached state, one step at a time
-            ys = [self._step(xBC[:, t], dt[:, t], A, D, dt_bias, cache) for t in range(L)]
-            y = torch.stack(ys, 1)  # (B, L, d_in)
+            y = torch.stack([self._step(xBC[:, t], dt[:, t], cache) for t in range(L)], 1)  # (B, L, d_in)
         else:
+            A = -torch.exp(self._per_channel(self.A_log.float()))[:, None].expand(self.d_in, self.N)  # (d_in, N)
+            D, dt_bias = self._per_channel(self.D.float()), self._per_channel(self.dt_bias.float())  # (d_in,)
             xBC = xBC.transpose(1, 2)  # (B, d_in + 2N, L)
             if cache is not None:
                 cache["conv"] = _last_inputs(xBC, self.d_conv)
@@ -241,10 +242,12 @@ class Mamba2(nn.Module):
                                return_last_state=cache is not None)
             if cache is not None:
                 y, cache["ssm"] = y
+                cache["params"] = A, D, dt_bias  # the same at every step: kept
             y = y.transpose(1, 2)  # (B, L, d_in)
         return self.out_proj(self.norm(y, z))
 
-    def _step(self, xBC, dt, A, D, dt_bias, cache):  # xBC: (B, d_in + 2N), dt: (B, heads) -> (B, d_in)
+    def _step(self, xBC, dt, cache):  # xBC: (B, d_in + 2N), dt: (B, heads) -> (B, d_in)
+        A, D, dt_bias = cache["params"]
         u, B, C = F.silu(_causal_conv_step(cache["conv"], xBC, self.conv1d)).split([self.d_in, self.N, self.N], -1)
         return selective_state_update(cache["ssm"], u, self._per_channel(dt), A, B, C, D, None, dt_bias,
                                       dt_softplus=True)
