@@ -7,7 +7,7 @@
     python bench.py --section=stage2         # two-stage design: stage 2's cost vs the LM's extra codebooks
     python bench.py --section=all
 
-kernel: forward and forward+backward time of the selective scan at a Mamba-1 shape and a
+kernel: forward, backward and forward+backward time of the selective scan at a Mamba-1 shape and a
 Mamba-2 shape (the paper-scale shapes on CUDA; smaller ones on CPU, printed in the table).
 On CPU a third baseline, "pscan", is the scan as mamba.py does it: exp(delta A) and delta B u
 materialized whole as (batch, dim, L, N) tensors and scanned with a Blelloch parallel scan in
@@ -38,6 +38,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import time
 
 import torch
@@ -69,6 +70,16 @@ def machine(device):
         names = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
         cpu = names[0] if names else cpu
     return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def commit():
+    """The checkout's commit, with '+' if it has uncommitted changes; None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def peak_gbps(device):
@@ -233,10 +244,18 @@ def bench_kernel(device, dtype, reps):
             def fwd_bwd():
                 fn(**x, delta_softplus=True).backward(dout)
 
-            t_f, t_fb = timeit(fwd, device, r), timeit(fwd_bwd, device, r)
+            def bwd():  # the backward alone: a fresh forward graph each time, untimed
+                times = []
+                for _ in range(r + 1):
+                    out = fn(**x, delta_softplus=True)
+                    times.append(elapsed(lambda: out.backward(dout), device))
+                return statistics.median(times[1:])
+
+            t_f, t_b, t_fb = timeit(fwd, device, r), bwd(), timeit(fwd_bwd, device, r)
             rows.append(dict(shape=name, batch=batch, dim=dim, N=N, L=L, dtype=str(dtype).replace("torch.", ""),
-                             path=path, fwd_ms=1e3 * t_f, fwd_bwd_ms=1e3 * t_fb,
-                             fwd_GBps=bytes_fwd / t_f / 1e9, fwd_bwd_GBps=bytes_bwd / t_fb / 1e9))
+                             path=path, fwd_ms=1e3 * t_f, bwd_ms=1e3 * t_b, fwd_bwd_ms=1e3 * t_fb,
+                             fwd_GBps=bytes_fwd / t_f / 1e9, bwd_GBps=(bytes_bwd - bytes_fwd) / t_b / 1e9,
+                             fwd_bwd_GBps=bytes_bwd / t_fb / 1e9))
         ref = next(r for r in rows if r["shape"] == name and r["path"] == "reference")
         for row in rows:
             if row["shape"] == name:
@@ -244,8 +263,8 @@ def bench_kernel(device, dtype, reps):
                 row["fwd_bwd_speedup"] = ref["fwd_bwd_ms"] / row["fwd_bwd_ms"]
     peak = peak_gbps(device)
     for row in rows:
-        row["fwd_pct_peak"] = None if peak is None else 100 * row["fwd_GBps"] / peak
-        row["fwd_bwd_pct_peak"] = None if peak is None else 100 * row["fwd_bwd_GBps"] / peak
+        for k in ("fwd", "bwd", "fwd_bwd"):
+            row[f"{k}_pct_peak"] = None if peak is None else 100 * row[f"{k}_GBps"] / peak
     return rows
 
 
@@ -390,9 +409,9 @@ def main():
         rows = sections[section]()
         info = dict(section=section, device=args.device, machine=machine(args.device), torch=torch.__version__,
                     triton=triton.__version__, peak_GBps=peak_gbps(args.device), date=time.strftime("%Y-%m-%d"),
-                    rows=rows)
+                    commit=commit(), rows=rows)
         print(f"## {section} on {info['machine']} (torch {torch.__version__}, triton {triton.__version__}, "
-              f"{info['date']})\n")
+              f"commit {info['commit']}, {info['date']})\n")
         print(markdown(rows))
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"{section}_{args.device}.json")

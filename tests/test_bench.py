@@ -27,3 +27,15 @@ def test_generate_and_stage2_sections_rows():
     parts = bench.bench_stage2("cpu", bench.torch.float32, "tiny", seconds=0.5, steps=2)
     assert len(parts) == 4 and all(p["s_per_audio_s"] > 0 for p in parts[:3])
     assert parts[3]["s_per_audio_s"] == pytest.approx(parts[0]["s_per_audio_s"] - parts[1]["s_per_audio_s"])
+
+
+def test_kernel_section_rows(monkeypatch):
+    monkeypatch.setitem(bench.SHAPES, "cpu", {"mamba1": (1, 8, 4, 64), "mamba2": (1, 16, 8, 64)})
+    rows = bench.bench_kernel("cpu", bench.torch.float32, reps=2)
+    assert [(r["shape"], r["path"]) for r in rows] == [(s, p) for s in ("mamba1", "mamba2")
+                                                       for p in ("reference", "pscan", "cpu path")]
+    for r in rows:
+        assert min(r["fwd_ms"], r["bwd_ms"], r["fwd_bwd_ms"]) > 0 and r["fwd_pct_peak"] is None  # no peak on CPU
+        assert r["bwd_GBps"] > 0 and r["fwd_bwd_speedup"] > 0
+    assert all(r["fwd_speedup"] == 1.0 for r in rows if r["path"] == "reference")
+    assert bench.commit() is None or bench.commit().rstrip("+").isalnum()
