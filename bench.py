@@ -40,6 +40,7 @@ import platform
 import statistics
 import subprocess
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,7 @@ from tqdm import tqdm
 
 import model
 import scan
+from prepare import atomic_write
 
 # peak memory bandwidth in GB/s, from the vendors' data sheets, by device name
 PEAK_GBPS = {"H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800,
@@ -415,9 +417,7 @@ def main():
         print(markdown(rows))
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"{section}_{args.device}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(info, f, indent=1)
-        os.replace(path + ".tmp", path)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
         print(f"\nwrote {path}\n")
 
 

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import configure
-from model import MusicLM, Stage2Diffusion, delay, from_checkpoint
-from prepare import read_split
+from model import MusicLM, Stage2Diffusion, codebook_losses, delay, from_checkpoint
+from prepare import atomic_write, read_split, text_rows
 
 # -----------------------------------------------------------------------------
 section = "offline"  # offline | audio | stage2 (--runs compares runs)
@@ -76,9 +76,7 @@ runs = ()  # --runs DIR DIR ...: compare these train.py runs (a table, and val l
 
 
 def save_json(result, path):
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
     print(f"\nwrote {path}")
 
 
@@ -118,16 +116,13 @@ def val_nll(model, d, L):
         for j, (_, start, n) in enumerate(w):
             crops[j, :, :n] = torch.from_numpy(d["codes"][:K, start:start + n].astype(np.int64))
         seq = delay(crops, V).to(device)  # (B, K, L + K)
-        idx = [i for i, _, _ in w]
-        text = torch.from_numpy(d["text"][idx].astype(np.float32)).to(device)
-        mask = torch.arange(text.shape[1], device=device)[None] < torch.from_numpy(d["text_len"][idx]).to(device)[:, None]
+        text, mask = (t.to(device) for t in text_rows(d, [i for i, _, _ in w]))
         targets = seq[:, :, 1:]
-        valid = (targets != V).float()
+        n = (targets != V).sum((0, 2)).cpu()  # real targets per codebook
         for j, m in enumerate((mask, torch.zeros_like(mask))):
             logits, _ = model(seq[:, :, :-1], text, m)  # (B, K, S, V)
-            ce = F.cross_entropy(logits.flatten(0, 2).float(), targets.flatten(), ignore_index=V, reduction="none")
-            sums[j] += (ce.view(targets.shape) * valid).sum((0, 2)).cpu()
-        count += valid.sum((0, 2)).cpu()
+            sums[j] += codebook_losses(logits, targets).cpu() * n  # the batch's mean per codebook -> its sum
+        count += n
     nll = sums / count.clamp(min=1)
     return nll[0], nll[1]
 
@@ -261,9 +256,8 @@ def cached_probe(root, meta, frames):
             return probe, saved["classes"], saved["ceiling"], saved["chance"]
     probe, classes, ceiling, chance = train_probe(root, meta, frames, probe_iters, seed=seed)
     if probe is not None:
-        torch.save(dict(state=probe.state_dict(), classes=classes, ceiling=ceiling, chance=chance, iters=probe_iters,
-                        seed=seed), path + ".tmp")
-        os.replace(path + ".tmp", path)
+        saved = dict(state=probe.state_dict(), classes=classes, ceiling=ceiling, chance=chance, iters=probe_iters, seed=seed)
+        atomic_write(path, lambda tmp: torch.save(saved, tmp))
     return probe, classes, ceiling, chance
 
 
@@ -277,8 +271,7 @@ def generated_windows(model, d, frames, with_text):
     gen = torch.Generator(device).manual_seed(seed)
     for b in tqdm(range(0, len(idx), batch_size), desc=f"generate ({'caption' if with_text else 'no caption'})", leave=False):
         rows = idx[b:b + batch_size]
-        text = torch.from_numpy(d["text"][rows].astype(np.float32)).to(device)
-        mask = torch.arange(text.shape[1], device=device)[None] < torch.from_numpy(d["text_len"][rows]).to(device)[:, None]
+        text, mask = (t.to(device) for t in text_rows(d, rows))
         codes = model.generate(text, mask if with_text else torch.zeros_like(mask), frames, cfg=cfg if with_text else 1.0, temperature=temperature,
                                top_k=top_k, generator=gen)
         tokens.append(codes[:, 0].cpu())
@@ -530,8 +523,10 @@ def openl3_stats(embed, spec, files, problems, cache=None):
     frames = np.concatenate([embed(w) for _, w in each_file(files, spec, problems, "OpenL3")])
     mu, sigma = frames.mean(0), np.cov(frames, rowvar=False)
     if cache:
-        np.savez(cache + ".tmp.npz", mu=mu, sigma=sigma, files=names)
-        os.replace(cache + ".tmp.npz", cache)
+        def write(tmp):
+            with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+                np.savez(f, mu=mu, sigma=sigma, files=names)
+        atomic_write(cache, write)
     return mu, sigma
 
 
@@ -694,8 +689,7 @@ def compare(run_dirs):
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     path = out or "compare.png"
-    fig.savefig(path + ".tmp", format="png", dpi=120)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     print(f"\nwrote {path}")
     return [{k: v for k, v in r.items() if k != "log"} for r in rows]
 

@@ -427,8 +427,16 @@ def read_split(root, split, meta):
                 text_len=np.load(os.path.join(root, f"{split}_text_len.npy")))
 
 
-def _atomic_write(path, write):
-    """Write through write(tmp_path), then rename: a killed run never leaves a half-written file."""
+def text_rows(d, rows):
+    """Rows of a split's caption states (read_split's dict) -> (text float32 (n, max_tokens, dim), text_mask bool
+    (n, max_tokens), True where a token is real), as the models take them."""
+    text = torch.from_numpy(d["text"][rows].astype(np.float32))
+    return text, torch.arange(text.shape[1])[None] < torch.from_numpy(d["text_len"][rows]).long()[:, None]
+
+
+def atomic_write(path, write):
+    """Write through write(tmp_path), then rename: a killed run never leaves a half-written file. Every script's
+    outputs (data, checkpoints, wav files, JSON, figures) are written this way."""
     tmp = f"{path}.tmp"
     write(tmp)
     os.replace(tmp, path)
@@ -477,7 +485,7 @@ def prepare(args, fail_after=None):
         if not sample:
             sys.exit(f"prepare.py: nothing usable in {args.audio_dir}: no file could be read as audio")
         kmeans_init_codebooks(codec, sample, seed=args.seed)
-        _atomic_write(untrained_state, lambda tmp: torch.save(codec.state_dict(), tmp))
+        atomic_write(untrained_state, lambda tmp: torch.save(codec.state_dict(), tmp))
     def entry(source):  # the work file holding one source's result
         return work / (hashlib.sha1(source.encode()).hexdigest()[:16] + ".pt")
 
@@ -493,14 +501,14 @@ def prepare(args, fail_after=None):
                           codes=codes)
         except Skip as e:
             record = dict(source=source, skipped=str(e))
-        _atomic_write(entry(source), lambda tmp: torch.save(record, tmp))
+        atomic_write(entry(source), lambda tmp: torch.save(record, tmp))
         done += 1
         if fail_after is not None and done >= fail_after:
             raise RuntimeError(f"simulated failure after {done} sources")
     records = [torch.load(entry(s), weights_only=True) for s, _ in sources]
     skipped = [dict(source=r["source"], reason=r["skipped"]) for r in records if "skipped" in r]
     good = [r for r in records if "skipped" not in r and r["codes"]]
-    _atomic_write(out / "skipped.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(s) + "\n" for s in skipped)))
+    atomic_write(out / "skipped.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(s) + "\n" for s in skipped)))
     if not good:
         sys.exit(f"prepare.py: nothing usable in {args.audio_dir or 'synth'}: all {len(records)} inputs were skipped "
                  f"(reasons in {out / 'skipped.jsonl'})")
@@ -525,24 +533,24 @@ def prepare(args, fail_after=None):
                 mm[:, o:o + c.shape[1]] = c.numpy().astype(np.uint16)
             mm.flush()
 
-        _atomic_write(out / f"{split}_codes.bin", write_codes)
-        _atomic_write(out / f"{split}_clips.npy", lambda tmp: np.save(open(tmp, "wb"), np.stack([offsets, lengths], 1)))
+        atomic_write(out / f"{split}_codes.bin", write_codes)
+        atomic_write(out / f"{split}_clips.npy", lambda tmp: np.save(open(tmp, "wb"), np.stack([offsets, lengths], 1)))
         text, text_len = embed([r["caption"] for r, _, _ in clips], args.max_text_tokens)
-        _atomic_write(out / f"{split}_text.bin", lambda tmp: text.tofile(tmp))
-        _atomic_write(out / f"{split}_text_len.npy", lambda tmp: np.save(open(tmp, "wb"), text_len))
+        atomic_write(out / f"{split}_text.bin", lambda tmp: text.tofile(tmp))
+        atomic_write(out / f"{split}_text_len.npy", lambda tmp: np.save(open(tmp, "wb"), text_len))
         rows = [json.dumps(dict(caption=r["caption"], source=r["source"], start_second=s, attributes=r["attributes"]))
                 for r, s, _ in clips]
-        _atomic_write(out / f"{split}_captions.jsonl", lambda tmp: Path(tmp).write_text("".join(x + "\n" for x in rows)))
+        atomic_write(out / f"{split}_captions.jsonl", lambda tmp: Path(tmp).write_text("".join(x + "\n" for x in rows)))
         meta_splits[split] = dict(clips=len(clips), frames=total, hours=total / FRAME_RATE / 3600, sources=len(idx))
     if not pretrained:  # sample.py decodes with this very codec
-        _atomic_write(out / "codec.pt", lambda tmp: shutil.copyfile(untrained_state, tmp))
+        atomic_write(out / "codec.pt", lambda tmp: shutil.copyfile(untrained_state, tmp))
     meta = dict(codec=dict(name="encodec_24khz", sample_rate=SAMPLE_RATE, frame_rate=FRAME_RATE,
                            codebook_size=CODEBOOK_SIZE, n_codebooks=K, bandwidth=args.bandwidth, pretrained=pretrained,
                            checkpoint=None if pretrained else "codec.pt"),
                 text_encoder=dict(name=args.text_encoder, dim=text_dim, max_tokens=args.max_text_tokens),
                 splits=meta_splits, clip_seconds=args.clip_seconds, source="synth" if not args.audio_dir else args.audio_dir,
                 skipped=len(skipped))
-    _atomic_write(out / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+    atomic_write(out / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
     hours = sum(s["hours"] for s in meta_splits.values())
     print(f"prepare.py: wrote {out}: {sum(s['clips'] for s in meta_splits.values())} clips, {hours:.2f} h "
           f"(train {meta_splits['train']['clips']}, val {meta_splits['val']['clips']}), skipped {len(skipped)}"

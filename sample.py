@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from configurator import configure
 from model import Stage2Diffusion, from_checkpoint
+from prepare import atomic_write
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the training run: reads out_dir/ckpt.pt
@@ -91,9 +92,7 @@ def load_model(ckpt_path, device, dtype, stage2=False):
 
 def write_wav(path, wav, sample_rate):
     import soundfile as sf
-    tmp = f"{path}.tmp.wav"
-    sf.write(tmp, wav, sample_rate, subtype="PCM_16")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: sf.write(tmp, wav, sample_rate, subtype="PCM_16", format="WAV"))
 
 
 def main(argv):

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
 from model import ModelConfig, MusicLM, Stage2Config, Stage2Diffusion, codebook_losses, delay, peak_flops
-from prepare import load_dataset_codec, read_split
+from prepare import atomic_write, load_dataset_codec, read_split, text_rows
 
 # -----------------------------------------------------------------------------
 # defaults; the paper's training settings (DESIGN.md, from the official code) where it has them
@@ -149,8 +149,7 @@ def get_batch(split, gen, drop_text=False):
         n = min(seq_len, length - start)
         crops[b, :, :n] = torch.from_numpy(d["codes"][:n_codebooks, offset + start:offset + start + n].astype(np.int64))
     seq = delay(crops, codebook_size)  # (B, K, seq_len + K)
-    text = torch.from_numpy(d["text"][idx].astype(np.float32))
-    mask = torch.arange(text.shape[1])[None] < torch.from_numpy(d["text_len"][idx])[:, None].long()
+    text, mask = text_rows(d, idx)
     if split == "train":  # caption and word dropout, for classifier-free guidance
         mask &= torch.rand(mask.shape, generator=gen) >= word_dropout
         mask &= torch.rand(batch_size, 1, generator=gen) >= caption_dropout
@@ -267,8 +266,7 @@ def save_checkpoint(path):
                 tokens_seen=tokens_seen, flops_seen=flops_seen,
                 rng=dict(data=data_gen.get_state(), torch=torch.get_rng_state(),
                          cuda=torch.cuda.get_rng_state() if device_type == "cuda" else None))
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)  # a kill never leaves a broken checkpoint
+    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))  # a kill never leaves a broken checkpoint
 
 
 # -----------------------------------------------------------------------------
