@@ -270,6 +270,11 @@ def bench_kernel(device, dtype, reps):
     return rows
 
 
+def variant_config(name, size):
+    """The ModelConfig of configs/<name>.py, shrunk by configs/tiny.py when size is "tiny"."""
+    return model.read_config(f"configs/{name}.py", *(["configs/tiny.py"] if size == "tiny" else []))
+
+
 TRAIN_MODELS = ("prefix_simba", "prefix_mamba", "cross_simba", "prefix_transformer", "cross_transformer")
 
 
@@ -278,7 +283,7 @@ def bench_train(device, reps, size, seconds=30.0, multiples=(1, 2, 4), profile=F
     the text prefix) and of 2x and 4x that: tokens/s, MFU (CUDA, bf16 autocast as train.py) and peak memory."""
     rows = []
     for name in TRAIN_MODELS:
-        cfg = model.read_config(f"configs/{name}.py", *(["configs/tiny.py"] if size == "tiny" else []))
+        cfg = variant_config(name, size)
         m = model.MusicLM(cfg).to(device)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=device == "cuda")
         g = torch.Generator().manual_seed(0)
@@ -325,8 +330,7 @@ GENERATE_MODELS = ("prefix_simba", "prefix_transformer")
 def bench_generate(device, dtype, reps, size, positions, rtf_seconds=30.0):
     rows = []
     for name in GENERATE_MODELS:
-        files = [f"configs/{name}.py"] + (["configs/tiny.py"] if size == "tiny" else [])
-        cfg = model.read_config(*files)
+        cfg = variant_config(name, size)
         m = model.MusicLM(cfg).to(device, dtype).eval()
         g = torch.Generator().manual_seed(0)
         text = torch.randn(2, cfg.max_text_len, cfg.text_dim, generator=g).to(device, dtype)
@@ -359,7 +363,7 @@ def bench_stage2(device, dtype, size, seconds=10.0, steps=25):
     frames = round(seconds * 75)
     rows = []
     for name in ("prefix_simba", "two_stage_simba"):
-        cfg = model.read_config(f"configs/{name}.py", *(["configs/tiny.py"] if size == "tiny" else []))
+        cfg = variant_config(name, size)
         m = model.MusicLM(cfg).to(device, dtype).eval()
         text = torch.randn(1, cfg.max_text_len, cfg.text_dim).to(device, dtype)
         mask = torch.ones(1, cfg.max_text_len, dtype=torch.bool, device=device)

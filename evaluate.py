@@ -269,11 +269,11 @@ def generated_windows(model, d, frames, with_text):
     idx = [i for i in range(n) for _ in range(gen_per_caption)]
     tokens = []
     gen = torch.Generator(device).manual_seed(seed)
-    for b in tqdm(range(0, len(idx), batch_size), desc=f"generate ({'caption' if with_text else 'no caption'})", leave=False):
-        rows = idx[b:b + batch_size]
-        text, mask = (t.to(device) for t in text_rows(d, rows))
-        codes = model.generate(text, mask if with_text else torch.zeros_like(mask), frames, cfg=cfg if with_text else 1.0, temperature=temperature,
-                               top_k=top_k, generator=gen)
+    desc = f"generate ({'caption' if with_text else 'no caption'})"
+    for b in tqdm(range(0, len(idx), batch_size), desc=desc, leave=False):
+        text, mask = (t.to(device) for t in text_rows(d, idx[b:b + batch_size]))
+        codes = model.generate(text, mask if with_text else torch.zeros_like(mask), frames,
+                               cfg=cfg if with_text else 1.0, temperature=temperature, top_k=top_k, generator=gen)
         tokens.append(codes[:, 0].cpu())
     return torch.cat(tokens)
 
