@@ -15,8 +15,10 @@ pure PyTorch. The CPU path's bar is to beat it at forward+backward.
 GB/s counts the bytes a scan must move at the least, each tensor read or written once:
 forward reads u, delta, z, B, C and writes out; the backward reads them and dout again and
 writes du, ddelta, dz, dB, dC. Nothing (batch, dim, L, N)-sized is counted: no path needs it.
-On CUDA, where mamba_ssm imports, its Triton chunked scan (mamba_chunk_scan_combined) runs the Mamba-2 shape
-beside ours ("mamba_ssm" rows; one dt per head, as Mamba-2 has it).
+The "step" rows time one generation step (scan.selective_state_update) at prefix_simba's shape.
+On CUDA, where mamba_ssm is installed (its sources are enough: see the README), its Triton kernels run beside
+ours ("mamba_ssm" rows): the chunked scan (mamba_chunk_scan_combined) on the Mamba-2 shape, whose inputs have
+one A, delta and bias per head as Mamba-2 has them, and selective_state_update on the step.
 
 train: one optimizer step (forward, backward, AdamW; bf16 autocast on CUDA, as train.py) of each paper variant
 on one crop of 30 s of tokens plus the text prefix, and of 2x and 4x that: tokens/s, MFU and peak memory (CUDA),
@@ -33,13 +35,16 @@ stage2: seconds of compute per second of audio (batch 1, 10 s): the stage-2 diff
 the single-stage LM's cost of writing codebooks 1..3 itself (prefix_simba minus two_stage_simba).
 """
 import argparse
+import importlib.util
 import json
 import math
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -61,6 +66,7 @@ SHAPES = {
     "cuda": {"mamba1": (8, 2048, 16, 2048), "mamba2": (8, 512, 128, 2048)},
     "cpu": {"mamba1": (1, 64, 16, 2048), "mamba2": (1, 32, 64, 2048)},
 }
+STEP_SHAPE = {"cuda": (2, 2048, 512), "cpu": (2, 512, 128)}  # (batch, dim, N) of one generation step
 
 
 def machine(device):
@@ -184,41 +190,69 @@ def selective_scan_pscan(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
 
 
 def scan_inputs(batch, dim, N, L, device, dtype, heads=None):
-    """Inputs of a Mamba block's scan: D, z, delta_bias and softplus on, B and C shared by all channels."""
+    """Inputs of a Mamba block's scan: D, z, delta_bias and softplus on, B and C shared by all channels.
+    With heads (Mamba-2), A, delta and delta_bias are one per head, repeated over the head's channels."""
     g = torch.Generator().manual_seed(0)
-    A = -torch.rand(dim if heads is None else heads, N if heads is None else 1, generator=g) - 0.5
-    if heads is not None:  # Mamba-2: one A per head, broadcast over the head's channels and states
-        A = A.repeat_interleave(dim // heads, 0).expand(dim, N).contiguous()
-    x = dict(u=torch.randn(batch, dim, L, generator=g), delta=torch.randn(batch, dim, L, generator=g) - 3,
+    per = 1 if heads is None else dim // heads  # channels that share an A, delta and bias
+    A = -torch.rand(dim // per, N if heads is None else 1, generator=g).repeat_interleave(per, 0).expand(dim, N) - 0.5
+    x = dict(u=torch.randn(batch, dim, L, generator=g),
+             delta=(torch.randn(batch, dim // per, L, generator=g) - 3).repeat_interleave(per, 1),
              B=torch.randn(batch, 1, N, L, generator=g), C=torch.randn(batch, 1, N, L, generator=g),
              z=torch.randn(batch, dim, L, generator=g))
     x = {k: v.to(device, dtype) for k, v in x.items()}
-    x.update(A=A.to(device), D=torch.ones(dim, device=device), delta_bias=torch.rand(dim, generator=g).to(device))
+    x.update(A=A.contiguous().to(device), D=torch.ones(dim, device=device),
+             delta_bias=torch.rand(dim // per, generator=g).repeat_interleave(per).to(device))
     return {k: v.requires_grad_() for k, v in x.items()}
 
 
-def mamba_ssm_paths(shape, device):
-    """{"mamba_ssm": fn} with our scan's signature, running mamba_ssm's Triton chunked scan (Mamba-2), when it
-    imports (from its source tree; its CUDA extension is not needed): {} otherwise. The inputs are converted to
-    its layout (x (b, L, heads, headdim), one dt per head) inside fn; the conversion is a few copies, counted."""
-    if device != "cuda" or shape != "mamba2":
-        return {}
-    try:
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    except ImportError:
-        return {}
+def step_inputs(batch, dim, N, device, dtype):
+    """Inputs of one generation step of a Mamba block (scan.selective_state_update), as in scan_inputs."""
+    g = torch.Generator().manual_seed(0)
+    x = dict(x=torch.randn(batch, dim, generator=g), dt=torch.randn(batch, dim, generator=g) - 3,
+             B=torch.randn(batch, N, generator=g), C=torch.randn(batch, N, generator=g),
+             z=torch.randn(batch, dim, generator=g))
+    x = {k: v.to(device, dtype) for k, v in x.items()}
+    x.update(state=torch.randn(batch, dim, N, generator=g).to(device), A=(-torch.rand(dim, N, generator=g) - 0.5).to(device),
+             D=torch.ones(dim, device=device), dt_bias=torch.rand(dim, generator=g).to(device))
+    return x
+
+
+def import_mamba_ssm():
+    """mamba_ssm's Triton kernels, {"scan": mamba_chunk_scan_combined, "step": selective_state_update}, or {}
+    where mamba_ssm is not installed. Installed from its source without its CUDA extension (README, "Speed"),
+    its package __init__ would fail on the missing extension; these two modules need none of it, so the package
+    is registered bare (its folder, no __init__ run) and they are imported from it."""
+    if "mamba_ssm" not in sys.modules:
+        spec = importlib.util.find_spec("mamba_ssm")
+        if spec is None:
+            return {}
+        bare = types.ModuleType("mamba_ssm")
+        bare.__path__ = list(spec.submodule_search_locations)
+        sys.modules["mamba_ssm"] = bare
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    return {"scan": mamba_chunk_scan_combined, "step": selective_state_update}
+
+
+def mamba_ssm_scan(heads, chunk_size=256):
+    """mamba_ssm's Triton chunked scan (Mamba-2) behind our scan's signature, or None where mamba_ssm is not
+    installed. Mamba-2 has one A, dt and dt bias per head: fn takes each head's from its first channel (the kernel
+    section's Mamba-2 inputs repeat them over the head's channels, so both scans compute the same function).
+    The layout conversions, x to (b, L, heads, headdim), are a few copies, timed with the kernel."""
+    scan_fn = import_mamba_ssm().get("scan")
+    if scan_fn is None:
+        return None
 
     def fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         b, dim, L = u.shape
-        h = 8
-        p = dim // h
-        heads = lambda t: t.view(b, h, p, L).permute(0, 3, 1, 2)  # noqa: E731  (b, dim, L) -> (b, L, h, p)
-        y = mamba_chunk_scan_combined(heads(u), heads(delta)[..., 0], A.view(h, p, -1)[:, 0, 0],
-                                      B.permute(0, 3, 1, 2), C.permute(0, 3, 1, 2), chunk_size=256,  # (b, L, 1, N)
-                                      D=D.view(h, p)[:, 0], z=heads(z), dt_bias=delta_bias.view(h, p)[:, 0],
-                                      dt_softplus=delta_softplus)  # (b, L, h, p)
+        p = dim // heads
+        to_heads = lambda t: t.view(b, heads, p, L).permute(0, 3, 1, 2)  # noqa: E731  (b, dim, L) -> (b, L, h, p)
+        first = lambda t: t.view(heads, p, -1)[:, 0, 0].contiguous()  # noqa: E731  (dim, ...) -> (h,)
+        y = scan_fn(to_heads(u), to_heads(delta)[..., 0], first(A), B.permute(0, 3, 1, 2), C.permute(0, 3, 1, 2),
+                    chunk_size=chunk_size, D=first(D), z=to_heads(z), dt_bias=first(delta_bias),
+                    dt_softplus=delta_softplus)  # B, C (b, L, 1, N); y (b, L, h, p)
         return y.permute(0, 2, 3, 1).reshape(b, dim, L)
-    return {"mamba_ssm": fn}
+    return fn
 
 
 def bench_kernel(device, dtype, reps):
@@ -236,7 +270,8 @@ def bench_kernel(device, dtype, reps):
         bytes_fwd = 4 * seq + 2 * bc  # u, delta, z, out; B, C
         bytes_bwd = bytes_fwd + 7 * seq + 4 * bc  # + u, delta, z, dout, du, ddelta, dz; B, C, dB, dC
         dout = torch.randn(batch, dim, L, device=device, dtype=dtype)
-        for path, fn in {**paths, **mamba_ssm_paths(name, device)}.items():
+        theirs = mamba_ssm_scan(heads=8) if device == "cuda" and name == "mamba2" else None
+        for path, fn in {**paths, **({"mamba_ssm": theirs} if theirs else {})}.items():
             r = 1 if path == "reference" else reps
 
             def fwd():
@@ -263,10 +298,34 @@ def bench_kernel(device, dtype, reps):
             if row["shape"] == name:
                 row["fwd_speedup"] = ref["fwd_ms"] / row["fwd_ms"]
                 row["fwd_bwd_speedup"] = ref["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+    rows += bench_step(device, dtype, reps)
     peak = peak_gbps(device)
     for row in rows:
         for k in ("fwd", "bwd", "fwd_bwd"):
-            row[f"{k}_pct_peak"] = None if peak is None else 100 * row[f"{k}_GBps"] / peak
+            row[f"{k}_pct_peak"] = None if peak is None or row[f"{k}_GBps"] is None else 100 * row[f"{k}_GBps"] / peak
+    return rows
+
+
+def bench_step(device, dtype, reps):
+    """One generation step (scan.selective_state_update) at prefix_simba's shape with classifier-free guidance
+    (batch 2, d_inner 2048, N 512; smaller on CPU): ours, and mamba_ssm's where installed. The step reads and
+    writes the float32 state; that is nearly all of its bytes."""
+    batch, dim, N = STEP_SHAPE[device]
+    x = step_inputs(batch, dim, N, device, dtype)
+    size = torch.finfo(dtype).bits // 8
+    nbytes = 2 * batch * dim * N * 4 + 4 * batch * dim * size + 2 * batch * N * size  # state; x, dt, z, out; B, C
+    paths = {"cpu path": scan.selective_state_update_cpu}
+    if device == "cuda":
+        paths["triton"] = scan.selective_state_update_triton
+        paths.update({"mamba_ssm": fn for fn in [import_mamba_ssm().get("step")] if fn})
+    rows = []
+    for path, fn in paths.items():
+        t = timeit(lambda: fn(**x, dt_softplus=True), device, max(reps, 20))
+        rows.append(dict(shape="step", batch=batch, dim=dim, N=N, L=1, dtype=str(dtype).replace("torch.", ""),
+                         path=path, fwd_ms=1e3 * t, bwd_ms=None, fwd_bwd_ms=None, fwd_GBps=nbytes / t / 1e9,
+                         bwd_GBps=None, fwd_bwd_GBps=None))
+    for row in rows:
+        row["fwd_speedup"], row["fwd_bwd_speedup"] = rows[0]["fwd_ms"] / row["fwd_ms"], None
     return rows
 
 

@@ -3,6 +3,7 @@
 import pytest
 
 import bench
+import scan
 
 
 def test_train_section_rows():
@@ -31,11 +32,63 @@ def test_generate_and_stage2_sections_rows():
 
 def test_kernel_section_rows(monkeypatch):
     monkeypatch.setitem(bench.SHAPES, "cpu", {"mamba1": (1, 8, 4, 64), "mamba2": (1, 16, 8, 64)})
+    monkeypatch.setitem(bench.STEP_SHAPE, "cpu", (2, 16, 8))
     rows = bench.bench_kernel("cpu", bench.torch.float32, reps=2)
     assert [(r["shape"], r["path"]) for r in rows] == [(s, p) for s in ("mamba1", "mamba2")
-                                                       for p in ("reference", "pscan", "cpu path")]
-    for r in rows:
+                                                       for p in ("reference", "pscan", "cpu path")] + [("step", "cpu path")]
+    for r in rows[:-1]:
         assert min(r["fwd_ms"], r["bwd_ms"], r["fwd_bwd_ms"]) > 0 and r["fwd_pct_peak"] is None  # no peak on CPU
         assert r["bwd_GBps"] > 0 and r["fwd_bwd_speedup"] > 0
+    assert rows[-1]["fwd_ms"] > 0 and rows[-1]["fwd_GBps"] > 0 and rows[-1]["bwd_ms"] is None  # a step has no backward
     assert all(r["fwd_speedup"] == 1.0 for r in rows if r["path"] == "reference")
     assert bench.commit() is None or bench.commit().rstrip("+").isalnum()
+
+
+@pytest.fixture
+def mamba_ssm_on_cpu(monkeypatch):
+    """mamba_ssm's Triton kernels, runnable on CPU by Triton's interpreter: its launchers enter
+    torch.cuda.device(...), a no-op here, one backward launcher sizes its grid by the GPU's multiprocessor count
+    (1 here), and its autotuner would time candidate configs on a GPU, so it keeps the
+    first. mamba_ssm comes from its source without the CUDA extension (.ci/run installs it so)."""
+    import contextlib
+    import types
+    import triton.runtime.autotuner as autotuner
+    kernels = bench.import_mamba_ssm()
+    assert kernels, "mamba_ssm is not installed: see .ci/run for the pip line"
+    monkeypatch.setattr(bench.torch.cuda, "device", lambda index: contextlib.nullcontext())
+    monkeypatch.setattr(bench.torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=1))
+    prune = autotuner.Autotuner.prune_configs
+    monkeypatch.setattr(autotuner.Autotuner, "prune_configs", lambda self, kwargs: prune(self, kwargs)[:1])
+    return kernels
+
+
+def test_mamba_ssm_rows_compute_our_function(mamba_ssm_on_cpu):
+    """The kernel section's mamba_ssm rows time the same computation as ours: its chunked scan on the Mamba-2
+    inputs (through bench.py's layout conversion) against scan.selective_scan_ref, output and every gradient
+    (A, delta and delta_bias are one per head: ours summed over the head's channels), and its one-step update
+    against scan.selective_state_update."""
+    torch = bench.torch
+    batch, dim, N, L, heads = 2, 16, 8, 80, 4
+    x = bench.scan_inputs(batch, dim, N, L, "cpu", torch.float32, heads=heads)
+    theirs = bench.mamba_ssm_scan(heads, chunk_size=32)  # 3 chunks, the last one partial
+    dout = torch.randn(batch, dim, L)
+    grads = {}
+    for name, fn in (("ours", scan.selective_scan_ref), ("theirs", theirs)):
+        for v in x.values():
+            v.grad = None
+        out = fn(**x, delta_softplus=True)
+        out.backward(dout)
+        grads[name] = dict(out=out.detach(), **{k: v.grad.clone() for k, v in x.items()})
+    ours, mine = grads["ours"], grads["theirs"]
+    for k in ("out", "u", "z", "B", "C"):
+        torch.testing.assert_close(mine[k], ours[k], rtol=1e-4, atol=1e-4, msg=k)
+    per_head = lambda g, d: g.unflatten(d, (heads, -1)).sum(d + 1)  # noqa: E731
+    torch.testing.assert_close(per_head(mine["delta"], 1), per_head(ours["delta"], 1), rtol=1e-4, atol=1e-4)
+    for k in ("delta_bias", "D"):
+        torch.testing.assert_close(per_head(mine[k], 0), per_head(ours[k], 0), rtol=1e-4, atol=1e-4, msg=k)
+    torch.testing.assert_close(per_head(mine["A"], 0)[:, 0], per_head(ours["A"], 0).sum(-1), rtol=1e-4, atol=1e-4)
+
+    a, b = (bench.step_inputs(2, 32, 16, "cpu", torch.float32) for _ in range(2))
+    out = mamba_ssm_on_cpu["step"](**a, dt_softplus=True)
+    torch.testing.assert_close(out, scan.selective_state_update(**b, dt_softplus=True))
+    torch.testing.assert_close(a["state"], b["state"])
