@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import configure
-from model import MusicLM, Stage2Diffusion, codebook_losses, delay, from_checkpoint
+from model import codebook_losses, delay, load_run
 from prepare import atomic_write, read_split, text_rows
 
 # -----------------------------------------------------------------------------
@@ -80,18 +80,13 @@ def save_json(result, path):
     print(f"\nwrote {path}")
 
 
-def load_run(run_dir, want):
-    """-> (model on device, checkpoint): want is MusicLM or Stage2Diffusion."""
-    path = os.path.join(run_dir, "ckpt.pt")
-    flag = "--stage2_dir" if want is Stage2Diffusion else "--out_dir"
-    if not os.path.isfile(path):
-        sys.exit(f"evaluate.py: no checkpoint at {path}; set {flag}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = from_checkpoint(ckpt)
-    if not isinstance(model, want):
-        kind = "a stage-2 diffusion model" if isinstance(model, Stage2Diffusion) else "a language model"
-        sys.exit(f"evaluate.py: {path} holds {kind}; set {flag}")
-    return model.to(device).eval(), ckpt
+def load_model(run_dir, kind):
+    """-> (model on device, checkpoint): kind is "lm" or "stage2"."""
+    try:
+        model, ckpt = load_run(run_dir, kind)
+    except ValueError as e:
+        sys.exit(f"evaluate.py: {e}; set {'--stage2_dir' if kind == 'stage2' else '--out_dir'}")
+    return model.to(device), ckpt
 
 
 def data_root(ckpt):
@@ -279,7 +274,7 @@ def generated_windows(model, d, frames, with_text):
 
 
 def evaluate_offline():
-    model, ckpt = load_run(out_dir, MusicLM)
+    model, ckpt = load_model(out_dir, "lm")
     root, meta = data_root(ckpt), ckpt["data_meta"]
     d = read_split(root, split, meta)
     nll, nll_notext = val_nll(model, d, ckpt["config"]["seq_len"])
@@ -608,7 +603,7 @@ def scores(model, latent, truth):
 
 
 def evaluate_stage2():
-    model, ckpt = load_run(stage2_dir, Stage2Diffusion)
+    model, ckpt = load_model(stage2_dir, "stage2")
     truth = val_codes(ckpt, round(seconds * ckpt["data_meta"]["codec"]["frame_rate"])).to(device)  # (n, K, T)
     rows = [dict(method="codebook 0 only (no stage 2)", **scores(model, model.latent(truth[:, :1]), truth))]
     for temp in stage2_temperatures:
@@ -644,10 +639,10 @@ def read_log(run):
 
 def run_summary(run):
     """One row of the comparison: what the checkpoint, log.csv and the run's eval_*.json files hold."""
-    path = os.path.join(run, "ckpt.pt")
-    if not os.path.isfile(path):
-        sys.exit(f"evaluate.py: no checkpoint at {path}; --runs takes train.py out_dirs")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        model, ckpt = load_run(run)
+    except ValueError as e:
+        sys.exit(f"evaluate.py: {e}; --runs takes train.py out_dirs")
     c = ckpt["config"]
     log = read_log(run)
     evals = {}
@@ -657,7 +652,7 @@ def run_summary(run):
             evals.update(json.load(open(p)))
     gains = [r["text_gain"] for r in log if "text_gain" in r]
     return dict(run=run, variant=f"{c.get('cond')} {c.get('block')}" if c.get("model_type", "lm") == "lm" else "stage 2",
-                params=sum(p.numel() for p in from_checkpoint(ckpt).parameters()), steps=ckpt["iter_num"],
+                params=model.num_params(), steps=ckpt["iter_num"],
                 tokens=ckpt["tokens_seen"], flops=ckpt["flops_seen"], best_val_loss=ckpt["best_val_loss"],
                 text_gain=evals.get("text_gain", gains[-1] if gains else None),
                 probe=evals.get("probe_generated_mean"), probe_ceiling=evals.get("probe_ceiling_mean"),

@@ -19,6 +19,7 @@ Music is K parallel codebook streams laid out with MusicGen's delay pattern (cod
 right by k+1 steps); the model predicts the K tokens of the next position at once.
 """
 import math
+import os
 from dataclasses import dataclass, fields
 
 import torch
@@ -697,12 +698,22 @@ class Stage2Diffusion(nn.Module):
         return torch.stack(codes, 1)
 
 
-def from_checkpoint(ckpt):
-    """The model a train.py checkpoint (a loaded dict) holds, weights included: the LM, or the stage-2 diffusion
-    model where the run had model_type = "stage2"."""
-    if ckpt["config"].get("model_type") == "stage2":
-        model = Stage2Diffusion(Stage2Config(**ckpt["model_args"]))
-    else:
-        model = MusicLM(ModelConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
-    return model
+def load_run(run_dir, kind=None):
+    """A train.py run's model: run_dir/ckpt.pt -> (model on the CPU, in eval mode, the checkpoint dict).
+
+    The model is the LM, or the stage-2 diffusion model where the run had model_type = "stage2"; kind ("lm" or
+    "stage2") says which the caller needs. A missing or unreadable file, or the other kind of model, raises
+    ValueError with a one-line message for the calling script to print."""
+    path = os.path.join(run_dir, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        args, stage2 = ckpt["model_args"], ckpt["config"].get("model_type") == "stage2"
+        model = Stage2Diffusion(Stage2Config(**args)) if stage2 else MusicLM(ModelConfig(**args))
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:
+        raise ValueError(f"cannot read the checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+    if kind is not None and kind != ("stage2" if stage2 else "lm"):
+        raise ValueError(f"{path} holds {'a stage-2 diffusion model' if stage2 else 'a language model'}")
+    return model.eval(), ckpt

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from configurator import configure
-from model import Stage2Diffusion, from_checkpoint
+from model import load_run
 from prepare import atomic_write
 
 # -----------------------------------------------------------------------------
@@ -73,21 +73,16 @@ def slug(text, n=48):
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n].strip("-") or "prompt"
 
 
-def load_model(ckpt_path, device, dtype, stage2=False):
+def load_model(run_dir, device, dtype, stage2=False):
     """-> (model, checkpoint without its weights): the LM, or with stage2=True the stage-2 diffusion model."""
-    if not os.path.isfile(ckpt_path):
-        sys.exit(f"sample.py: no checkpoint at {ckpt_path}; train one or set --{'stage2_dir' if stage2 else 'out_dir'}")
     try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        model = from_checkpoint(ckpt)
-    except Exception as e:
-        sys.exit(f"sample.py: cannot read the checkpoint {ckpt_path}: {str(e).splitlines()[0][:200]}")
-    if isinstance(model, Stage2Diffusion) != stage2:
-        sys.exit(f"sample.py: {ckpt_path} holds {'no' if stage2 else 'a'} stage-2 diffusion model; "
-                 f"{'--stage2_dir' if stage2 else '--out_dir'} wants {'one' if stage2 else 'the language model'}")
+        model, ckpt = load_run(run_dir, "stage2" if stage2 else "lm")
+    except ValueError as e:
+        sys.exit(f"sample.py: {e}; set {'--stage2_dir' if stage2 else '--out_dir'} to a train.py out_dir "
+                 f"{'of configs/stage2_diffusion.py' if stage2 else 'of a language model'}")
     ckpt.pop("model")
     ckpt.pop("optimizer", None)
-    return model.to(device, getattr(torch, dtype)).eval(), ckpt
+    return model.to(device, getattr(torch, dtype)), ckpt
 
 
 def write_wav(path, wav, sample_rate):
@@ -100,11 +95,11 @@ def main(argv):
     if seconds <= 0:
         sys.exit(f"sample.py: --seconds={seconds} must be positive")
     prompts = read_prompts(prompt, prompts_file)
-    model, ckpt = load_model(os.path.join(out_dir, "ckpt.pt"), device, dtype)
+    model, ckpt = load_model(out_dir, device, dtype)
     data_meta = ckpt["data_meta"]
     stage2 = None
     if stage2_dir:
-        stage2, _ = load_model(os.path.join(stage2_dir, "ckpt.pt"), device, "float32", stage2=True)
+        stage2, _ = load_model(stage2_dir, device, "float32", stage2=True)
         if model.config.n_codebooks != 1:
             sys.exit(f"sample.py: --stage2_dir needs a stage-1 model of codebook 0 only (configs/two_stage_simba.py); "
                      f"{out_dir} writes {model.config.n_codebooks} codebooks")

@@ -189,7 +189,7 @@ def lm_runs(data_dir):
 
 
 def test_val_nll_is_the_training_loss_on_a_whole_clip(lm_runs):
-    model, ckpt = evaluate.load_run(str(lm_runs[0]), evaluate.MusicLM)
+    model, ckpt = evaluate.load_model(str(lm_runs[0]), "lm")
     d = evaluate.read_split(evaluate.data_root(ckpt), "val", ckpt["data_meta"])
     L = int(d["clips"][0][1])  # one window per clip: the loss train.py computes on that crop
     nll, nll_notext = evaluate.val_nll(model, d, L)
@@ -268,7 +268,7 @@ def test_stage2_section(stage2_dir):
         assert 0 <= row["acc_mean"] <= 1 and row["latent_mse"] >= 0
     assert warm["seconds_per_audio_second"] > 0 and "temperature 0" in cold["method"]
     # the measure itself: the true latent re-quantizes to its own codes with no error
-    model, ckpt = evaluate.load_run(str(stage2_dir), evaluate.Stage2Diffusion)
+    model, ckpt = evaluate.load_model(str(stage2_dir), "stage2")
     truth = evaluate.val_codes(ckpt, 75)
     assert evaluate.scores(model, model.latent(truth), truth)["acc_mean"] > 0.9
     assert evaluate.scores(model, model.latent(truth), truth)["latent_mse"] == pytest.approx(0.0, abs=1e-8)

@@ -91,7 +91,7 @@ def test_cfg_1_is_the_conditional_model_alone(run_dir, tmp_path, monkeypatch):
     codes = []
     run_sample(run_dir, tmp_path, f"--prompt={PROMPTS[0]}", "--seconds=0.5", "--cfg=1.0", "--top_k=50", "--seed=3",
                capture=codes, monkeypatch=monkeypatch)
-    m, ckpt = sample.load_model(str(run_dir / "ckpt.pt"), "cpu", "float32")
+    m, ckpt = sample.load_model(str(run_dir), "cpu", "float32")
     embed, _ = prepare.load_text_encoder("minilm")
     text, n = embed([PROMPTS[0]], ckpt["data_meta"]["text_encoder"]["max_tokens"])
     text, mask = torch.from_numpy(text.astype(np.float32)), torch.arange(text.shape[1])[None] < int(n[0])

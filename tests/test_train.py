@@ -9,6 +9,8 @@ import pytest
 import torch
 from conftest import build_tiny_dataset, run_train as train
 
+import model
+
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ["prefix_simba", "prefix_mamba", "cross_simba", "prefix_transformer", "cross_transformer", "two_stage_simba"]
 FAST = ["--seq_len=48", "--batch_size=4", "--eval_iters=2", "--warmup_iters=5", "--learning_rate=3e-3", "--log_interval=1000"]
@@ -42,6 +44,10 @@ def test_every_variant_learns(data_dir, tmp_path, variant):
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 40 and ckpt["model_args"]["block"] in ("mamba", "simba", "transformer")
     assert {"model", "optimizer", "config", "data_meta", "tokens_seen", "flops_seen", "best_val_loss", "rng"} <= set(ckpt)
+    m, _ = model.load_run(tmp_path, "lm")  # what sample.py and evaluate.py load
+    assert isinstance(m, model.MusicLM) and all(torch.equal(v, ckpt["model"][k]) for k, v in m.state_dict().items())
+    with pytest.raises(ValueError, match="ckpt.pt holds a language model$"):
+        model.load_run(tmp_path, "stage2")
 
 
 def test_stage2_trains_through_the_same_loop(data_dir, tmp_path):
@@ -55,6 +61,9 @@ def test_stage2_trains_through_the_same_loop(data_dir, tmp_path):
     assert float(rows[-1]["train_loss"]) < float(rows[1]["train_loss"])
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["model"]["codebooks"].shape == (8, 1024, 128) and ckpt["model"]["codebooks"].abs().sum() > 0
+    assert isinstance(model.load_run(tmp_path, "stage2")[0], model.Stage2Diffusion)
+    with pytest.raises(ValueError, match="ckpt.pt holds a stage-2 diffusion model$"):
+        model.load_run(tmp_path, "lm")
 
 
 def test_resume_is_exact(data_dir, tmp_path):
