@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scan import selective_scan, selective_state_update
+from scan import selective_scan, selective_state_update, ssd_scan
 
 
 @dataclass
@@ -198,7 +198,8 @@ class Mamba1(nn.Module):
 class Mamba2(nn.Module):
     """Mamba-2 (Dao & Gu 2024): one scalar A and dt per head of `headdim` channels, B and C shared by all
     heads (one group), a causal conv over x, B and C together, and a gated RMSNorm before out_proj.
-    It runs on the same selective scan as Mamba-1 by broadcasting A and dt over each head's channels."""
+    Its scan is scan.ssd_scan (chunked matrix products); a generation step is Mamba-1's per-channel update with
+    each head's A and dt repeated over its channels."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -232,19 +233,19 @@ class Mamba2(nn.Module):
         if cache is not None and "ssm" in cache:  # continue from the cached state, one step at a time
             y = torch.stack([self._step(xBC[:, t], dt[:, t], cache) for t in range(L)], 1)  # (B, L, d_in)
         else:
-            A = -torch.exp(self._per_channel(self.A_log.float()))[:, None].expand(self.d_in, self.N)  # (d_in, N)
-            D, dt_bias = self._per_channel(self.D.float()), self._per_channel(self.dt_bias.float())  # (d_in,)
             xBC = xBC.transpose(1, 2)  # (B, d_in + 2N, L)
             if cache is not None:
                 cache["conv"] = _last_inputs(xBC, self.d_conv)
-            u, B, C = F.silu(self.conv1d(xBC)[..., :L]).split([self.d_in, self.N, self.N], dim=1)
-            delta = self._per_channel(dt).transpose(1, 2)  # (B, d_in, L)
-            y = selective_scan(u, delta, A, B, C, D, None, dt_bias, delta_softplus=True,
-                               return_last_state=cache is not None)
-            if cache is not None:
-                y, cache["ssm"] = y
-                cache["params"] = A, D, dt_bias  # the same at every step: kept
-            y = y.transpose(1, 2)  # (B, L, d_in)
+            u, B, C = F.silu(self.conv1d(xBC)[..., :L]).transpose(1, 2).split([self.d_in, self.N, self.N], dim=-1)
+            A = -torch.exp(self.A_log.float())  # (heads,)
+            y = ssd_scan(u.unflatten(-1, (self.n_heads, self.headdim)), dt, A, B, C, self.D.float(), None,
+                         self.dt_bias.float(), dt_softplus=True, return_last_state=cache is not None)
+            if cache is not None:  # the step works per channel: each head's A, D and dt bias repeated
+                y, last = y
+                cache["ssm"] = last.flatten(1, 2)  # (B, d_in, N), fp32
+                cache["params"] = (self._per_channel(A)[:, None].expand(self.d_in, self.N),
+                                   self._per_channel(self.D.float()), self._per_channel(self.dt_bias.float()))
+            y = y.flatten(2)  # (B, L, d_in)
         return self.out_proj(self.norm(y, z))
 
     def _step(self, xBC, dt, cache):  # xBC: (B, d_in + 2N), dt: (B, heads) -> (B, d_in)

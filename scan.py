@@ -17,10 +17,11 @@ The API is mamba_ssm's, so Mamba code ports over unchanged:
     selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False)
         one step for generation: state (batch, dim, N) is updated in place, returns out (batch, dim)
 
-Mamba-2 runs on the same scan: its per-head scalar A and dt are broadcast over
-the head's channels (A.expand(dim, N), dt.expand(batch, dim, L)).
+Mamba-2 is the same scan with its per-head scalar A and dt broadcast over the head's
+channels (A.expand(dim, N), dt.expand(batch, dim, L)); that case also unrolls into
+matrix products, which ssd_scan computes (model.py's Mamba-2 uses it).
 
-The three implementations, in the order to read them:
+The implementations, in the order to read them:
   1. selective_scan_ref      the sequential loop: obvious, slow, the ground truth for tests.
   2. selective_scan_cpu      pure PyTorch for CPU tensors. A two-level chunked scan (Python
                              loops over ~sqrt(L) steps, not L) with a hand-written backward
@@ -30,6 +31,8 @@ The three implementations, in the order to read them:
                              TRITON_INTERPRET=1). Each program keeps the (BLOCK_D, N) state on
                              chip and walks the sequence in chunks of BLOCK_L steps, scanning each
                              chunk in parallel; only chunk-start states go to memory, for the backward.
+  4. ssd_scan                Mamba-2's case (one scalar A per head) as chunked matrix products, in
+                             PyTorch on any device, in mamba_ssm's (batch, L, heads, headdim) layout.
 selective_scan and selective_state_update pick the path from the tensors' device.
 Inputs may be float32, bfloat16 or float16; states and sums are always float32.
 """
@@ -594,6 +597,85 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """The selective scan (see the module docstring): Triton kernels on CUDA, the PyTorch path elsewhere."""
     scan = selective_scan_triton if u.is_cuda else selective_scan_cpu
     return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+# -----------------------------------------------------------------------------
+# 4. Mamba-2's case as matrix products (SSD), any device
+#
+# When A is one scalar per head (Mamba-2), exp(delta_t A) is the same for all N states of a head, and the
+# scan unrolls into matrix products (Dao & Gu 2024, "state space duality"). Cut the sequence into chunks
+# of Q steps and write a_t = exp(dt_t A), s_t = the sum of log a over the chunk up to t. Inside a chunk:
+#     y_t = sum_{s <= t} exp(s_t - s_s) (C_t . B_s) dt_s x_s  +  exp(s_t) C_t . H           (H entering)
+# the first term a masked (Q, Q) matrix, C B^T, shared by every head, times the chunk's inputs; and the
+# state leaving chunk k is S_k = sum_s exp(s_Q - s_s) dt_s x_s B_s^T, passed on from chunk to chunk with
+# the chunk's total decay. Work and memory are in (Q, Q) and (headdim, N) matrices; no (L, N)-per-channel
+# tensor exists, and the matrix products run on the GPU's tensor cores. Autograd does the backward.
+
+
+def _check_ssd_args(x, dt, A, B, C, D, z, dt_bias):
+    """Validate shapes, devices and dtypes; return (batch, L, heads, headdim, N)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] == 0:
+        raise ValueError(f"x: expected shape (batch, L, heads, headdim) with L >= 1, got {getattr(x, 'shape', type(x))}")
+    batch, L, heads, headdim = x.shape
+    dev = x.device
+    _expect(x, "x", x.shape, dev)
+    _expect(dt, "dt", (batch, L, heads), dev)
+    _expect(A, "A", (heads,), dev)
+    if not isinstance(B, torch.Tensor) or B.dim() != 3:
+        raise ValueError(f"B: expected shape (batch, L, N), got {getattr(B, 'shape', type(B))}")
+    N = B.shape[2]
+    _expect(B, "B", (batch, L, N), dev)
+    _expect(C, "C", (batch, L, N), dev)
+    for name, t, shape in (("D", D, (heads,)), ("z", z, x.shape), ("dt_bias", dt_bias, (heads,))):
+        if t is not None:
+            _expect(t, name, shape, dev)
+    return batch, L, heads, headdim, N
+
+
+def ssd_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, chunk_size=64,
+             return_last_state=False):
+    """The selective scan with one scalar A and dt per head (Mamba-2), as chunked matrix products.
+
+        x, z: (batch, L, heads, headdim)   dt: (batch, L, heads)   A, D, dt_bias: (heads,)
+        B, C: (batch, L, N), shared by all heads
+        -> out like x [, last_state (batch, heads, headdim, N), float32]
+
+    The same function as selective_scan with A, dt and dt_bias repeated over each head's channels
+    (channel d = head * headdim + i); the layout is mamba_ssm's mamba_chunk_scan_combined's. Computed in
+    float32 whatever the inputs (autocast is turned off inside) and returned in x's dtype. Exact while
+    dt * A <= 0 (a decay, as softplus'd dt and negative A make it); a growing state loses precision here.
+    """
+    batch, L, heads, P, N = _check_ssd_args(x, dt, A, B, C, D, z, dt_bias)
+    f, Q = _compute_dtype(x), chunk_size
+    with torch.autocast(x.device.type, enabled=False):
+        dt = dt.to(f) if dt_bias is None else dt.to(f) + dt_bias.to(f)
+        if dt_softplus:
+            dt = F.softplus(dt)
+        pad = -L % Q  # steps with dt = 0 after the end: no decay, no input, so nothing changes
+        nc = (L + pad) // Q
+        chunks = lambda t: F.pad(t.to(f), (0, 0) * (t.dim() - 2) + (0, pad)).unflatten(1, (nc, Q))  # noqa: E731
+        xdt = chunks(x * dt[..., None]).permute(0, 1, 3, 2, 4)  # (b, c, h, Q, P): dt_s x_s
+        Bc, Cc = chunks(B)[:, :, None], chunks(C)[:, :, None]  # (b, c, 1, Q, N)
+        s = (chunks(dt) * A.to(f)).transpose(2, 3).cumsum(-1)  # (b, c, h, Q): log-decay from the chunk start
+        causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
+        decay = torch.exp((s[..., :, None] - s[..., None, :]).masked_fill(~causal, -math.inf))  # (b, c, h, Q, Q)
+        y = (Cc @ Bc.transpose(-1, -2) * decay) @ xdt  # (b, c, h, Q, P): within the chunk
+        S = (xdt * torch.exp(s[..., -1:] - s)[..., None]).transpose(-1, -2) @ Bc  # (b, c, h, P, N) leaving
+        # states entering chunk i (and, as row nc, leaving the last): H_i = sum_{k<i} exp(total decay of
+        # chunks k+1..i-1) S_k, one (nc + 1, nc) matrix product instead of a loop over chunks
+        tot = s[..., -1].transpose(1, 2).cumsum(-1)  # (b, h, c): log-decay from the start to each chunk's end
+        enter = F.pad(tot, (1, 0))  # (b, h, c + 1): ... to each chunk's start
+        past = torch.ones(nc + 1, nc, dtype=torch.bool, device=x.device).tril(-1)
+        W = torch.exp((enter[..., :, None] - tot[..., None, :]).masked_fill(~past, -math.inf))  # (b, h, c+1, c)
+        H = (W @ S.transpose(1, 2).flatten(3)).unflatten(3, (P, N))  # (b, h, c + 1, P, N)
+        y = y + Cc @ H[:, :, :nc].transpose(1, 2).transpose(-1, -2) * torch.exp(s)[..., None]  # from before
+        y = y.permute(0, 1, 3, 2, 4).flatten(1, 2)[:, :L]  # (b, L, h, P)
+        if D is not None:
+            y = y + D.to(f)[:, None] * x.to(f)
+        if z is not None:
+            y = y * F.silu(z.to(f))
+    y = y.to(x.dtype)
+    return (y, H[:, :, nc].contiguous()) if return_last_state else y
 
 
 # -----------------------------------------------------------------------------

@@ -10,6 +10,22 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def ssd_by_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, chunk_size=64,
+               return_last_state=False):
+    """scan.ssd_scan's function computed by scan.selective_scan_ref: A, dt and dt_bias repeated over each head's
+    channels, (batch, L, heads, headdim) <-> (batch, dim, L)."""
+    import scan
+    batch, L, heads, P = x.shape
+    per_channel = lambda t: None if t is None else t.repeat_interleave(P, -1)  # noqa: E731  (..., heads) -> (..., dim)
+    channels = lambda t: None if t is None else t.flatten(2).transpose(1, 2)  # noqa: E731  -> (batch, dim, L)
+    out = scan.selective_scan_ref(channels(x), per_channel(dt).transpose(1, 2),
+                                  per_channel(A)[:, None].expand(heads * P, B.shape[-1]), B.transpose(1, 2),
+                                  C.transpose(1, 2), per_channel(D), channels(z), per_channel(dt_bias), dt_softplus,
+                                  return_last_state=True)
+    y = out[0].transpose(1, 2).unflatten(2, (heads, P))
+    return (y, out[1].unflatten(1, (heads, P))) if return_last_state else y
+
+
 def build_tiny_dataset(tmp, *argv):
     """A tiny synthetic dataset at tmp/tiny: 2-second songs, one clip each, the untrained codec (no network)."""
     import prepare

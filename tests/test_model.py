@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+from conftest import ssd_by_ref
 
 import model
 import scan
@@ -151,10 +152,11 @@ def test_delay_layout_and_round_trip():
 def test_flops_estimate_matches_flop_counter(name, monkeypatch):
     """The estimate's matmul + attention terms against FlopCounterMode over one forward + backward.
 
-    The scan is swapped for the reference loop (elementwise ops, which the counter ignores, as the estimate's
+    The scans are swapped for the reference loop (elementwise ops, which the counter ignores, as the estimate's
     scan term is not compared), attention runs on the math backend (whose matmuls the counter sees), and the
     depthwise conv is counted as 3x its forward: the counter's conv-backward formula ignores groups."""
     monkeypatch.setattr(model, "selective_scan", scan.selective_scan_ref)
+    monkeypatch.setattr(model, "ssd_scan", ssd_by_ref)
     m = small_model(name, d_model=64, d_state=16, max_text_len=TT).train()
     B, S = 2, 24
     seq, text, mask = batch(B=B, T=S - K + 1)

@@ -1,12 +1,14 @@
-"""scan.py: every path against the reference loop, in outputs, last state and every gradient.
+"""scan.py: every path (ssd_scan too) against the reference loop, in outputs, last state and every gradient.
 
 The Triton kernels run on CUDA when there is a GPU, else in Triton's interpreter (conftest.py),
 which is slow: their cases are small. The CPU path is checked on a wider grid.
 """
+import functools
 import itertools
 
 import pytest
 import torch
+from conftest import ssd_by_ref
 
 import bench
 import scan
@@ -189,6 +191,67 @@ def test_mamba2_heads_broadcast(path):
     torch.testing.assert_close(last, last_r, rtol=6e-4, atol=2e-3)
     for k in grads:
         torch.testing.assert_close(grads[k], grads_r[k], rtol=1e-3, atol=2e-3, msg=lambda m: f"d{k}: {m}")
+
+
+def ssd_inputs(batch, L, heads, P, N, dtype, flags, seed=0):
+    """Mamba-2's inputs for scan.ssd_scan: A, dt and dt_bias one per head."""
+    has_D, has_z, has_bias, _ = flags
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape, scale=1.0, dt=dtype: (scale * torch.randn(*shape, generator=g)).to(dt)  # noqa: E731
+    return dict(x=rnd(batch, L, heads, P), dt=(0.5 * torch.rand(batch, L, heads, generator=g)).to(dtype),  # > 0
+                A=-torch.rand(heads, generator=g) * 4 - 0.5, B=rnd(batch, L, N), C=rnd(batch, L, N),
+                D=rnd(heads, dt=torch.float32) if has_D else None, z=rnd(batch, L, heads, P) if has_z else None,
+                dt_bias=torch.rand(heads, generator=g) if has_bias else None)
+
+
+SSD_GRID = [  # L, chunk_size, dtype, flags: whole chunks, a partial last chunk, L < one chunk, L = 1
+    (64, 16, torch.float32, FLAGS[1]), (100, 32, torch.float32, FLAGS[0]), (21, 64, torch.float32, FLAGS[2]),
+    (1, 8, torch.float32, FLAGS[3]), (300, 64, torch.float32, FLAGS[1]), (75, 16, torch.bfloat16, FLAGS[1]),
+]
+
+
+@pytest.mark.parametrize("L,chunk_size,dtype,flags", SSD_GRID)
+def test_ssd_matches_reference(L, chunk_size, dtype, flags):
+    """ssd_scan against the reference loop (A, dt, bias repeated over each head's channels): output, last state
+    and every gradient."""
+    inputs = ssd_inputs(2, L, 4, 8, 16, dtype, flags)
+    results = []
+    for fn in (functools.partial(scan.ssd_scan, chunk_size=chunk_size), ssd_by_ref):
+        leaves = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in inputs.items()}
+        out, last = fn(**leaves, dt_softplus=flags[3], return_last_state=True)
+        g = torch.Generator().manual_seed(1)
+        ((out.float() * torch.randn(out.shape, generator=g)).sum() + (last * torch.randn(last.shape, generator=g)).sum()).backward()
+        results.append((out, last, {k: v.grad for k, v in leaves.items() if v is not None}))
+    (out, last, grads), (out_r, last_r, grads_r) = results
+    rtol, atol = (6e-4, 2e-3) if dtype == torch.float32 else (3e-2, 5e-2)
+    assert out.dtype == dtype and last.dtype == torch.float32 and last.is_contiguous()
+    torch.testing.assert_close(out, out_r, rtol=rtol, atol=atol)
+    torch.testing.assert_close(last, last_r, rtol=rtol, atol=atol)
+    for k in grads:
+        assert grads[k].dtype == inputs[k].dtype, k
+        torch.testing.assert_close(grads[k], grads_r[k], rtol=2 * rtol, atol=2 * atol, msg=lambda m: f"d{k}: {m}")
+
+
+def test_ssd_computes_in_float32_under_autocast():
+    """Under bf16 autocast (train.py on a GPU) the chunk products stay float32: the same result as without."""
+    inputs = ssd_inputs(1, 50, 2, 4, 8, torch.float32, FLAGS[1])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = scan.ssd_scan(**inputs, dt_softplus=True, chunk_size=16)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, scan.ssd_scan(**inputs, dt_softplus=True, chunk_size=16))
+
+
+@pytest.mark.parametrize("change,name", [
+    (lambda p: p.update(x=p["x"][0]), "x"), (lambda p: p.update(dt=p["dt"][..., :-1]), "dt"),
+    (lambda p: p.update(A=torch.ones(4, 16)), "A"), (lambda p: p.update(B=p["B"][:, None]), "B"),
+    (lambda p: p.update(C=p["C"][:, :-1]), "C"), (lambda p: p.update(D=torch.ones(8)), "D"),
+    (lambda p: p.update(z=p["x"][:, :-1]), "z"), (lambda p: p.update(dt_bias=torch.ones(4, 1)), "dt_bias"),
+])
+def test_ssd_bad_input_names_the_argument(change, name):
+    p = ssd_inputs(2, 10, 4, 8, 16, torch.float32, FLAGS[1])
+    change(p)
+    with pytest.raises(ValueError, match=rf"^{name}: "):
+        scan.ssd_scan(**p)
 
 
 @pytest.mark.parametrize("path", ["cpu", "triton"])
