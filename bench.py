@@ -15,6 +15,8 @@ pure PyTorch. The CPU path's bar is to beat it at forward+backward.
 GB/s counts the bytes a scan must move at the least, each tensor read or written once:
 forward reads u, delta, z, B, C and writes out; the backward reads them and dout again and
 writes du, ddelta, dz, dB, dC. Nothing (batch, dim, L, N)-sized is counted: no path needs it.
+At the Mamba-2 shape (one A and delta per head), "ssd" is scan.ssd_scan, the chunked matrix-product
+form that model.py's Mamba-2 runs, with the layout conversion timed in.
 The "step" rows time one generation step (scan.selective_state_update) at prefix_simba's shape.
 On CUDA, where mamba_ssm is installed (its sources are enough: see the README), its Triton kernels run beside
 ours ("mamba_ssm" rows): the chunked scan (mamba_chunk_scan_combined) on the Mamba-2 shape, whose inputs have
@@ -61,11 +63,13 @@ PEAK_GBPS = {"H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 
              "A100-SXM4-80GB": 2039, "A100-SXM4-40GB": 1555, "A100 80GB PCIe": 1935, "RTX 3090": 936,
              "RTX 4090": 1008, "L40S": 864}
 
-# name: (batch, dim, N, L); Mamba-2's dim is heads x headdim (8 x 64) with its per-head A, dt broadcast
+# name: (batch, dim, N, L); Mamba-2's dim is HEADS x headdim (8 x 64; on CPU 8 x 16, the tiny models' Mamba-2)
+# with its per-head A, dt broadcast
 SHAPES = {
     "cuda": {"mamba1": (8, 2048, 16, 2048), "mamba2": (8, 512, 128, 2048)},
-    "cpu": {"mamba1": (1, 64, 16, 2048), "mamba2": (1, 32, 64, 2048)},
+    "cpu": {"mamba1": (1, 64, 16, 2048), "mamba2": (1, 128, 16, 2048)},
 }
+HEADS = 8
 STEP_SHAPE = {"cuda": (2, 2048, 512), "cpu": (2, 512, 128)}  # (batch, dim, N) of one generation step
 
 
@@ -234,25 +238,27 @@ def import_mamba_ssm():
     return {"scan": mamba_chunk_scan_combined, "step": selective_state_update}
 
 
-def mamba_ssm_scan(heads, chunk_size=256):
-    """mamba_ssm's Triton chunked scan (Mamba-2) behind our scan's signature, or None where mamba_ssm is not
-    installed. Mamba-2 has one A, dt and dt bias per head: fn takes each head's from its first channel (the kernel
-    section's Mamba-2 inputs repeat them over the head's channels, so both scans compute the same function).
-    The layout conversions, x to (b, L, heads, headdim), are a few copies, timed with the kernel."""
-    scan_fn = import_mamba_ssm().get("scan")
-    if scan_fn is None:
-        return None
-
+def heads_layout(scan_fn, heads, grouped_bc=False, **kwargs):
+    """A Mamba-2 scan in mamba_ssm's layout (scan.ssd_scan, mamba_ssm's mamba_chunk_scan_combined) behind our
+    scan's signature: x to (b, L, heads, headdim), B and C to (b, L, N) (or (b, L, 1, N) if grouped_bc), and
+    each head's A, delta and bias taken from its first channel (the Mamba-2 inputs of scan_inputs repeat them
+    over the head's channels, so every path computes the same function). The copies are timed with the scan."""
     def fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         b, dim, L = u.shape
         p = dim // heads
         to_heads = lambda t: t.view(b, heads, p, L).permute(0, 3, 1, 2)  # noqa: E731  (b, dim, L) -> (b, L, h, p)
         first = lambda t: t.view(heads, p, -1)[:, 0, 0].contiguous()  # noqa: E731  (dim, ...) -> (h,)
-        y = scan_fn(to_heads(u), to_heads(delta)[..., 0], first(A), B.permute(0, 3, 1, 2), C.permute(0, 3, 1, 2),
-                    chunk_size=chunk_size, D=first(D), z=to_heads(z), dt_bias=first(delta_bias),
-                    dt_softplus=delta_softplus)  # B, C (b, L, 1, N); y (b, L, h, p)
+        B, C = (t.permute(0, 3, 1, 2) if grouped_bc else t[:, 0].transpose(1, 2) for t in (B, C))
+        y = scan_fn(to_heads(u), to_heads(delta)[..., 0], first(A), B, C, D=first(D), z=to_heads(z),
+                    dt_bias=first(delta_bias), dt_softplus=delta_softplus, **kwargs)  # (b, L, h, p)
         return y.permute(0, 2, 3, 1).reshape(b, dim, L)
     return fn
+
+
+def mamba_ssm_scan(heads, chunk_size=256):
+    """mamba_ssm's Triton chunked scan (Mamba-2) behind our scan's signature, or None where it is not installed."""
+    scan_fn = import_mamba_ssm().get("scan")
+    return scan_fn and heads_layout(scan_fn, heads, grouped_bc=True, chunk_size=chunk_size)
 
 
 def bench_kernel(device, dtype, reps):
@@ -264,14 +270,18 @@ def bench_kernel(device, dtype, reps):
     if device == "cuda":
         paths["triton"] = scan.selective_scan_triton
     for name, (batch, dim, N, L) in SHAPES[device].items():
-        x = scan_inputs(batch, dim, N, L, device, dtype, heads=8 if name == "mamba2" else None)
+        x = scan_inputs(batch, dim, N, L, device, dtype, heads=HEADS if name == "mamba2" else None)
         size = torch.finfo(dtype).bits // 8
         seq, bc = batch * dim * L * size, batch * N * L * size
         bytes_fwd = 4 * seq + 2 * bc  # u, delta, z, out; B, C
         bytes_bwd = bytes_fwd + 7 * seq + 4 * bc  # + u, delta, z, dout, du, ddelta, dz; B, C, dB, dC
         dout = torch.randn(batch, dim, L, device=device, dtype=dtype)
-        theirs = mamba_ssm_scan(heads=8) if device == "cuda" and name == "mamba2" else None
-        for path, fn in {**paths, **({"mamba_ssm": theirs} if theirs else {})}.items():
+        more = {}
+        if name == "mamba2":  # the Mamba-2 scans: ours as matrix products, and mamba_ssm's where installed
+            more["ssd"] = heads_layout(scan.ssd_scan, HEADS)
+            theirs = mamba_ssm_scan(HEADS) if device == "cuda" else None
+            more.update({"mamba_ssm": theirs} if theirs else {})
+        for path, fn in {**paths, **more}.items():
             r = 1 if path == "reference" else reps
 
             def fwd():

@@ -34,14 +34,32 @@ def test_kernel_section_rows(monkeypatch):
     monkeypatch.setitem(bench.SHAPES, "cpu", {"mamba1": (1, 8, 4, 64), "mamba2": (1, 16, 8, 64)})
     monkeypatch.setitem(bench.STEP_SHAPE, "cpu", (2, 16, 8))
     rows = bench.bench_kernel("cpu", bench.torch.float32, reps=2)
-    assert [(r["shape"], r["path"]) for r in rows] == [(s, p) for s in ("mamba1", "mamba2")
-                                                       for p in ("reference", "pscan", "cpu path")] + [("step", "cpu path")]
+    paths = ["reference", "pscan", "cpu path"]
+    assert [(r["shape"], r["path"]) for r in rows] == ([("mamba1", p) for p in paths] + [("mamba2", p) for p in paths]
+                                                       + [("mamba2", "ssd"), ("step", "cpu path")])
     for r in rows[:-1]:
         assert min(r["fwd_ms"], r["bwd_ms"], r["fwd_bwd_ms"]) > 0 and r["fwd_pct_peak"] is None  # no peak on CPU
         assert r["bwd_GBps"] > 0 and r["fwd_bwd_speedup"] > 0
     assert rows[-1]["fwd_ms"] > 0 and rows[-1]["fwd_GBps"] > 0 and rows[-1]["bwd_ms"] is None  # a step has no backward
     assert all(r["fwd_speedup"] == 1.0 for r in rows if r["path"] == "reference")
     assert bench.commit() is None or bench.commit().rstrip("+").isalnum()
+
+
+def test_ssd_row_computes_our_function():
+    """The kernel section's "ssd" row runs scan.ssd_scan on the Mamba-2 inputs through bench.py's layout
+    conversion: the same output and input gradients as the reference loop."""
+    torch = bench.torch
+    x = bench.scan_inputs(2, 16, 8, 50, "cpu", torch.float32, heads=4)
+    dout = torch.randn(2, 16, 50)
+    grads = []
+    for fn in (scan.selective_scan_ref, bench.heads_layout(scan.ssd_scan, 4, chunk_size=16)):
+        for v in x.values():
+            v.grad = None
+        out = fn(**x, delta_softplus=True)
+        out.backward(dout)
+        grads.append([out.detach()] + [x[k].grad.clone() for k in ("u", "z", "B", "C")])
+    for mine, ref in zip(*grads):
+        torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture
