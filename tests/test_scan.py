@@ -5,6 +5,10 @@ which is slow: their cases are small. The CPU path is checked on a wider grid.
 """
 import functools
 import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ from conftest import ssd_by_ref
 import bench
 import scan
 
+ROOT = Path(__file__).resolve().parent.parent
 GPU = torch.cuda.is_available()
 TRITON_DEV = "cuda" if GPU else "cpu"
 FLAGS = [  # (D, z, delta_bias, delta_softplus)
@@ -313,3 +318,35 @@ def test_bad_step_input_names_the_argument():
                                         torch.ones(2, 3, 4))
     with pytest.raises(ValueError, match=r"^x: expected shape \(2, 8\)"):
         scan.selective_state_update(state, p["u"], p["delta"][..., 0], p["A"], p["B"][..., 0], p["C"][..., 0])
+
+
+HOPPER_COMPILE = """
+import inspect, math, scan, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+FLAGS = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
+def build(kernel, ptr, consts):
+    sig = {p: "constexpr" if p in consts else ptr if p.endswith("_ptr") else "i32"
+           for p in inspect.signature(kernel.fn).parameters}
+    done = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+    assert len(done.asm["cubin"]) > 1000
+    print(kernel.fn.__name__, ptr, consts["BLOCK_D"], consts["BLOCK_N"], consts.get("BLOCK_L"))
+for dim, N in ((2048, 16), (512, 128), (2048, 512)):  # bench.py's CUDA shapes and the paper's d_inner, d_state
+    tiles = dict(zip(("BLOCK_D", "BLOCK_N", "BLOCK_L"), scan._triton_tiles(dim, 1, N, 2048)))
+    for ptr in ("*fp32", "*bf16"):
+        build(scan._scan_fwd_kernel, ptr, dict(FLAGS, SAVE_STARTS=True, **tiles))
+        build(scan._scan_bwd_kernel, ptr, dict(FLAGS, HAS_DLAST=True, **tiles))
+    block_n = triton.next_power_of_2(N)
+    build(scan._state_update_kernel, "*fp32", dict(FLAGS, BLOCK_D=math.gcd(dim, max(1, 2048 // block_n), 32), BLOCK_N=block_n))
+"""
+
+
+def test_triton_kernels_compile_for_hopper():
+    """The interpreter runs the kernels' Python; this compiles them the way a GPU will, through Triton's
+    CUDA backend and the ptxas in its wheel, to sm_90 (H100) machine code, at the tiles bench.py's CUDA
+    shapes and the paper's models use, with float32 and bfloat16 inputs. No GPU is needed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(r.stdout.splitlines()) == 15
