@@ -62,51 +62,57 @@ def test_ssd_row_computes_our_function():
         torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-4)
 
 
+GPU = bench.torch.cuda.is_available()
+DEV = "cuda" if GPU else "cpu"
+
+
 @pytest.fixture
-def mamba_ssm_on_cpu(monkeypatch):
-    """mamba_ssm's Triton kernels, runnable on CPU by Triton's interpreter: its launchers enter
-    torch.cuda.device(...), a no-op here, one backward launcher sizes its grid by the GPU's multiprocessor count
-    (1 here), and its autotuner would time candidate configs on a GPU, so it keeps the
+def mamba_ssm_kernels(monkeypatch):
+    """mamba_ssm's Triton kernels, on the GPU, or without one in Triton's interpreter (conftest.py): there its
+    launchers enter torch.cuda.device(...), a no-op here, one backward launcher sizes its grid by the GPU's
+    multiprocessor count (1 here), and its autotuner would time candidate configs on a GPU, so it keeps the
     first. mamba_ssm comes from its source without the CUDA extension (.ci/run installs it so)."""
     import contextlib
     import types
     import triton.runtime.autotuner as autotuner
     kernels = bench.import_mamba_ssm()
     assert kernels, "mamba_ssm is not installed: see .ci/run for the pip line"
-    monkeypatch.setattr(bench.torch.cuda, "device", lambda index: contextlib.nullcontext())
-    monkeypatch.setattr(bench.torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=1))
-    prune = autotuner.Autotuner.prune_configs
-    monkeypatch.setattr(autotuner.Autotuner, "prune_configs", lambda self, kwargs: prune(self, kwargs)[:1])
+    if not GPU:
+        monkeypatch.setattr(bench.torch.cuda, "device", lambda index: contextlib.nullcontext())
+        monkeypatch.setattr(bench.torch.cuda, "get_device_properties",
+                            lambda d: types.SimpleNamespace(multi_processor_count=1))
+        prune = autotuner.Autotuner.prune_configs
+        monkeypatch.setattr(autotuner.Autotuner, "prune_configs", lambda self, kwargs: prune(self, kwargs)[:1])
     return kernels
 
 
-def test_mamba_ssm_rows_compute_our_function(mamba_ssm_on_cpu):
+def test_mamba_ssm_rows_compute_our_function(mamba_ssm_kernels):
     """The kernel section's mamba_ssm rows time the same computation as ours: its chunked scan on the Mamba-2
     inputs (through bench.py's layout conversion) against scan.selective_scan_ref, output and every gradient
-    (A, delta and delta_bias are one per head: ours summed over the head's channels), and its one-step update
-    against scan.selective_state_update."""
+    (A, delta and delta_bias are one per head: the reference's summed over the head's channels), and its
+    one-step update against scan.selective_state_update."""
     torch = bench.torch
+    tol = dict(rtol=1e-4, atol=1e-4) if not GPU else dict(rtol=1e-2, atol=1e-2)  # its matmuls may use TF32 there
     batch, dim, N, L, heads = 2, 16, 8, 80, 4
-    x = bench.scan_inputs(batch, dim, N, L, "cpu", torch.float32, heads=heads)
-    theirs = bench.mamba_ssm_scan(heads, chunk_size=32)  # 3 chunks, the last one partial
-    dout = torch.randn(batch, dim, L)
+    x = bench.scan_inputs(batch, dim, N, L, DEV, torch.float32, heads=heads)
+    dout = torch.randn(batch, dim, L).to(DEV)
     grads = {}
-    for name, fn in (("ours", scan.selective_scan_ref), ("theirs", theirs)):
-        for v in x.values():
+    for name, fn in (("ref", scan.selective_scan_ref), ("theirs", bench.mamba_ssm_scan(heads, chunk_size=32))):
+        for v in x.values():  # chunk_size 32: 3 chunks, the last one partial
             v.grad = None
         out = fn(**x, delta_softplus=True)
         out.backward(dout)
         grads[name] = dict(out=out.detach(), **{k: v.grad.clone() for k, v in x.items()})
-    ours, mine = grads["ours"], grads["theirs"]
+    ref, theirs = grads["ref"], grads["theirs"]
     for k in ("out", "u", "z", "B", "C"):
-        torch.testing.assert_close(mine[k], ours[k], rtol=1e-4, atol=1e-4, msg=k)
+        torch.testing.assert_close(theirs[k], ref[k], **tol, msg=k)
     per_head = lambda g, d: g.unflatten(d, (heads, -1)).sum(d + 1)  # noqa: E731
-    torch.testing.assert_close(per_head(mine["delta"], 1), per_head(ours["delta"], 1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(per_head(theirs["delta"], 1), per_head(ref["delta"], 1), **tol)
     for k in ("delta_bias", "D"):
-        torch.testing.assert_close(per_head(mine[k], 0), per_head(ours[k], 0), rtol=1e-4, atol=1e-4, msg=k)
-    torch.testing.assert_close(per_head(mine["A"], 0)[:, 0], per_head(ours["A"], 0).sum(-1), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(per_head(theirs[k], 0), per_head(ref[k], 0), **tol, msg=k)
+    torch.testing.assert_close(per_head(theirs["A"], 0)[:, 0], per_head(ref["A"], 0).sum(-1), **tol)
 
-    a, b = (bench.step_inputs(2, 32, 16, "cpu", torch.float32) for _ in range(2))
-    out = mamba_ssm_on_cpu["step"](**a, dt_softplus=True)
-    torch.testing.assert_close(out, scan.selective_state_update(**b, dt_softplus=True))
-    torch.testing.assert_close(a["state"], b["state"])
+    a, b = (bench.step_inputs(2, 32, 16, DEV, torch.float32) for _ in range(2))
+    out = mamba_ssm_kernels["step"](**a, dt_softplus=True)
+    torch.testing.assert_close(out, scan.selective_state_update(**b, dt_softplus=True), **tol)
+    torch.testing.assert_close(a["state"], b["state"], **tol)
