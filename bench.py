@@ -29,7 +29,8 @@ attention's quadratically.
 
 generate: milliseconds per generated step of prefix_simba and prefix_transformer (configs/, shrunk by
 configs/tiny.py unless --size=paper) at given positions, for one caption with classifier-free guidance
-(a batch of 2 rows): with the caches (the SSM's fixed-size state, attention's KV cache) and by running
+(a batch of 2 rows): with the caches (the SSM's fixed-size state, attention's KV cache; the median of 100
+steps from each position) and by running
 the whole sequence again at every step, as the paper's official implementation does; and the real-time factor
 of generating 30 s for one caption (compute seconds per second of audio, codec decoding not included).
 
@@ -396,7 +397,7 @@ GENERATE_MODELS = ("prefix_simba", "prefix_transformer")
 
 
 @torch.no_grad()
-def bench_generate(device, dtype, reps, size, positions, rtf_seconds=30.0):
+def bench_generate(device, dtype, reps, size, positions, rtf_seconds=30.0, window=100):
     rows = []
     for name in GENERATE_MODELS:
         cfg = variant_config(name, size)
@@ -405,14 +406,14 @@ def bench_generate(device, dtype, reps, size, positions, rtf_seconds=30.0):
         text = torch.randn(2, cfg.max_text_len, cfg.text_dim, generator=g).to(device, dtype)
         mask = torch.ones(2, cfg.max_text_len, dtype=torch.bool, device=device)
         mask[1] = False  # the unconditional row of classifier-free guidance
-        last = max(positions) + reps
+        last = max(positions) + window
         tokens = torch.randint(0, cfg.codebook_size, (2, cfg.n_codebooks, last), generator=g).to(device)
         base = dict(model=name, size=size, params_M=round(m.num_params() / 1e6, 2), dtype=str(dtype)[6:])
         cache = m.prefill(text, mask)
         times = [elapsed(lambda: m.step(tokens[:, :, p], cache), device)
                  for p in tqdm(range(last), desc=f"{name}: cached steps", leave=False)]
-        for pos in positions:  # the median of the steps at pos .. pos + reps - 1
-            rows.append(dict(base, mode="cache", position=pos, ms_per_step=1e3 * statistics.median(times[pos:pos + reps])))
+        for pos in positions:  # the median of the `window` steps from pos: single steps are too short to time alone
+            rows.append(dict(base, mode="cache", position=pos, ms_per_step=1e3 * statistics.median(times[pos:pos + window])))
         for pos in tqdm(positions, desc=f"{name}: recomputed steps", leave=False):
             t = timeit(lambda: m(tokens[:, :, :pos + 1], text, mask), device, reps)
             rows.append(dict(base, mode="recompute", position=pos, ms_per_step=1e3 * t))

@@ -19,7 +19,8 @@ def test_train_section_rows():
 
 
 def test_generate_and_stage2_sections_rows():
-    rows = bench.bench_generate("cpu", bench.torch.float32, reps=2, size="tiny", positions=[5, 20], rtf_seconds=0.5)
+    rows = bench.bench_generate("cpu", bench.torch.float32, reps=2, size="tiny", positions=[5, 20], rtf_seconds=0.5,
+                                window=3)
     for name in bench.GENERATE_MODELS:
         mine = [r for r in rows if r["model"] == name]
         assert [(r["mode"], r["position"]) for r in mine] == [("cache", 5), ("cache", 20), ("recompute", 5),
