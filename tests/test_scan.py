@@ -237,6 +237,16 @@ def test_ssd_matches_reference(L, chunk_size, dtype, flags):
         torch.testing.assert_close(grads[k], grads_r[k], rtol=2 * rtol, atol=2 * atol, msg=lambda m: f"d{k}: {m}")
 
 
+def test_ssd_very_long_sequence():
+    """L = 10k+ (157 chunks): the chunk-to-chunk decays are differences of long cumulative sums; they stay exact."""
+    p = ssd_inputs(1, 10_007, 2, 4, 8, torch.float32, FLAGS[1])
+    with torch.no_grad():
+        out, last = scan.ssd_scan(**p, dt_softplus=True, return_last_state=True)
+        out_r, last_r = ssd_by_ref(**p, dt_softplus=True, return_last_state=True)
+    torch.testing.assert_close(out, out_r, rtol=6e-4, atol=2e-3)
+    torch.testing.assert_close(last, last_r, rtol=6e-4, atol=2e-3)
+
+
 def test_ssd_computes_in_float32_under_autocast():
     """Under bf16 autocast (train.py on a GPU) the chunk products stay float32: the same result as without."""
     inputs = ssd_inputs(1, 50, 2, 4, 8, torch.float32, FLAGS[1])
