@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
 # argument checks, shared by every path
@@ -644,9 +645,19 @@ def ssd_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, ch
     (channel d = head * headdim + i); the layout is mamba_ssm's mamba_chunk_scan_combined's. Computed in
     float32 whatever the inputs (autocast is turned off inside) and returned in x's dtype. Exact while
     dt * A <= 0 (a decay, as softplus'd dt and negative A make it); a growing state loses precision here.
+    For the backward only the inputs are kept and the chunks are computed again (activation
+    checkpointing): the per-chunk (headdim, N) states of every layer would take about 2.5 GB per layer for
+    the paper's Prefix SiMBA at batch 4 x 30 s, more than a GPU holds over 24 layers.
     """
-    batch, L, heads, P, N = _check_ssd_args(x, dt, A, B, C, D, z, dt_bias)
-    f, Q = _compute_dtype(x), chunk_size
+    _check_ssd_args(x, dt, A, B, C, D, z, dt_bias)
+    y, last = checkpoint(_ssd_chunks, x, dt, A, B, C, D, z, dt_bias, dt_softplus, chunk_size, use_reentrant=False)
+    return (y, last) if return_last_state else y
+
+
+def _ssd_chunks(x, dt, A, B, C, D, z, dt_bias, dt_softplus, Q):
+    """ssd_scan's computation -> (out, last_state); arrays are (batch, heads, chunk, ...) throughout."""
+    L, P, N = x.shape[1], x.shape[3], B.shape[-1]
+    f = _compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         dt = dt.to(f) if dt_bias is None else dt.to(f) + dt_bias.to(f)
         if dt_softplus:
@@ -654,28 +665,27 @@ def ssd_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, ch
         pad = -L % Q  # steps with dt = 0 after the end: no decay, no input, so nothing changes
         nc = (L + pad) // Q
         chunks = lambda t: F.pad(t.to(f), (0, 0) * (t.dim() - 2) + (0, pad)).unflatten(1, (nc, Q))  # noqa: E731
-        xdt = chunks(x * dt[..., None]).permute(0, 1, 3, 2, 4)  # (b, c, h, Q, P): dt_s x_s
-        Bc, Cc = chunks(B)[:, :, None], chunks(C)[:, :, None]  # (b, c, 1, Q, N)
-        s = (chunks(dt) * A.to(f)).transpose(2, 3).cumsum(-1)  # (b, c, h, Q): log-decay from the chunk start
+        xdt = chunks(x * dt[..., None]).permute(0, 3, 1, 2, 4)  # (b, h, c, Q, P): dt_s x_s
+        Bc, Cc = chunks(B)[:, None], chunks(C)[:, None]  # (b, 1, c, Q, N)
+        s = (chunks(dt) * A.to(f)).permute(0, 3, 1, 2).cumsum(-1)  # (b, h, c, Q): log-decay from the chunk start
         causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
-        decay = torch.exp((s[..., :, None] - s[..., None, :]).masked_fill(~causal, -math.inf))  # (b, c, h, Q, Q)
-        y = (Cc @ Bc.transpose(-1, -2) * decay) @ xdt  # (b, c, h, Q, P): within the chunk
-        S = (xdt * torch.exp(s[..., -1:] - s)[..., None]).transpose(-1, -2) @ Bc  # (b, c, h, P, N) leaving
+        decay = torch.exp((s[..., :, None] - s[..., None, :]).masked_fill(~causal, -math.inf))  # (b, h, c, Q, Q)
+        y = (Cc @ Bc.transpose(-1, -2) * decay) @ xdt  # (b, h, c, Q, P): within the chunk
+        S = (xdt * torch.exp(s[..., -1:] - s)[..., None]).transpose(-1, -2) @ Bc  # (b, h, c, P, N) leaving
         # states entering chunk i (and, as row nc, leaving the last): H_i = sum_{k<i} exp(total decay of
         # chunks k+1..i-1) S_k, one (nc + 1, nc) matrix product instead of a loop over chunks
-        tot = s[..., -1].transpose(1, 2).cumsum(-1)  # (b, h, c): log-decay from the start to each chunk's end
+        tot = s[..., -1].cumsum(-1)  # (b, h, c): log-decay from the start to each chunk's end
         enter = F.pad(tot, (1, 0))  # (b, h, c + 1): ... to each chunk's start
         past = torch.ones(nc + 1, nc, dtype=torch.bool, device=x.device).tril(-1)
         W = torch.exp((enter[..., :, None] - tot[..., None, :]).masked_fill(~past, -math.inf))  # (b, h, c+1, c)
-        H = (W @ S.transpose(1, 2).flatten(3)).unflatten(3, (P, N))  # (b, h, c + 1, P, N)
-        y = y + Cc @ H[:, :, :nc].transpose(1, 2).transpose(-1, -2) * torch.exp(s)[..., None]  # from before
-        y = y.permute(0, 1, 3, 2, 4).flatten(1, 2)[:, :L]  # (b, L, h, P)
+        H = (W @ S.flatten(3)).unflatten(3, (P, N))  # (b, h, c + 1, P, N)
+        y = y + Cc @ H[:, :, :nc].transpose(-1, -2) * torch.exp(s)[..., None]  # from the states entering
+        y = y.permute(0, 2, 3, 1, 4).flatten(1, 2)[:, :L]  # (b, L, h, P)
         if D is not None:
             y = y + D.to(f)[:, None] * x.to(f)
         if z is not None:
             y = y * F.silu(z.to(f))
-    y = y.to(x.dtype)
-    return (y, H[:, :, nc].contiguous()) if return_last_state else y
+    return y.to(x.dtype), H[:, :, nc].contiguous()
 
 
 # -----------------------------------------------------------------------------
