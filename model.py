@@ -237,7 +237,7 @@ class Mamba2(nn.Module):
             if cache is not None:
                 cache["conv"] = _last_inputs(xBC, self.d_conv)
             u, B, C = F.silu(self.conv1d(xBC)[..., :L]).transpose(1, 2).split([self.d_in, self.N, self.N], dim=-1)
-            A = -torch.exp(self.A_log.float())  # (heads,)
+            A = -torch.exp(self.A_log.float())  # (heads,); u (B, L, d_in), B and C (B, L, N)
             y = ssd_scan(u.unflatten(-1, (self.n_heads, self.headdim)), dt, A, B, C, self.D.float(), None,
                          self.dt_bias.float(), dt_softplus=True, return_last_state=cache is not None)
             if cache is not None:  # the step works per channel: each head's A, D and dt bias repeated
