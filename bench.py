@@ -281,7 +281,8 @@ def bench_kernel(device, dtype, reps):
         if name == "mamba2":  # the Mamba-2 scans: ours as matrix products, and mamba_ssm's where installed
             more["ssd"] = heads_layout(scan.ssd_scan, HEADS)
             theirs = mamba_ssm_scan(HEADS) if device == "cuda" else None
-            more.update({"mamba_ssm": theirs} if theirs else {})
+            if theirs:
+                more["mamba_ssm"] = theirs
         for path, fn in {**paths, **more}.items():
             r = 1 if path == "reference" else reps
 
@@ -328,7 +329,9 @@ def bench_step(device, dtype, reps):
     paths = {"cpu path": scan.selective_state_update_cpu}
     if device == "cuda":
         paths["triton"] = scan.selective_state_update_triton
-        paths.update({"mamba_ssm": fn for fn in [import_mamba_ssm().get("step")] if fn})
+        theirs = import_mamba_ssm().get("step")
+        if theirs:
+            paths["mamba_ssm"] = theirs
     rows = []
     for path, fn in paths.items():
         t = timeit(lambda: fn(**x, dt_softplus=True), device, max(reps, 20))

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from configurator import configure
 from model import codebook_losses, delay, load_run
-from prepare import atomic_write, read_split, text_rows
+from prepare import atomic_write, read_captions, read_split, text_rows
 
 # -----------------------------------------------------------------------------
 section = "offline"  # offline | audio | stage2 (--runs compares runs)
@@ -480,8 +480,7 @@ def captions_of(gen_files):
             row = json.loads(line)
             gen[Path(row["file"]).stem] = row["prompt"]
     if reference_captions:
-        import prepare
-        ref = {Path(k).stem: v for k, v in prepare.read_captions(reference_captions).items()}
+        ref = {Path(k).stem: v for k, v in read_captions(reference_captions).items()}
     for stem in gen_files:
         gen.setdefault(stem, ref.get(stem))
     return {k: v for k, v in gen.items() if v}, ref

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from configurator import configure
 from model import load_run
-from prepare import atomic_write
+from prepare import atomic_write, load_dataset_codec, load_text_encoder, read_captions
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the training run: reads out_dir/ckpt.pt
@@ -53,9 +53,8 @@ def read_prompts(prompt, prompts_file):
         if not path.is_file():
             sys.exit(f"sample.py: --prompts_file={prompts_file} does not exist")
         if path.suffix.lower() in (".csv", ".json", ".jsonl"):
-            import prepare
             try:
-                prompts = list(dict.fromkeys(prepare.read_captions(path).values()))  # names -> caption: keep each once
+                prompts = list(dict.fromkeys(read_captions(path).values()))  # names -> caption: keep each once
             except SystemExit as e:
                 sys.exit(f"sample.py: --prompts_file={prompts_file} does not parse ({str(e).split(': ', 2)[-1]})")
         else:
@@ -114,9 +113,8 @@ def main(argv):
         print("sample.py: WARNING: this model was trained on tokens of an UNTRAINED codec; the files will not sound "
               "like music", file=sys.stderr)
 
-    import prepare
-    embed, _ = prepare.load_text_encoder(data_meta["text_encoder"]["name"], device)
-    codec = prepare.load_dataset_codec(data_meta["codec"], os.path.join(ckpt["config"]["data_dir"], ckpt["config"]["dataset"]), device)
+    embed, _ = load_text_encoder(data_meta["text_encoder"]["name"], device)
+    codec = load_dataset_codec(data_meta["codec"], os.path.join(ckpt["config"]["data_dir"], ckpt["config"]["dataset"]), device)
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p, dtype=dtype,
                     stage2_dir=stage2_dir or None, stage2_steps=stage2_steps if stage2_dir else None,

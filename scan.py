@@ -614,7 +614,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 
 def _check_ssd_args(x, dt, A, B, C, D, z, dt_bias):
-    """Validate shapes, devices and dtypes; return (batch, L, heads, headdim, N)."""
+    """Validate shapes, devices and dtypes (ValueError naming the argument)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] == 0:
         raise ValueError(f"x: expected shape (batch, L, heads, headdim) with L >= 1, got {getattr(x, 'shape', type(x))}")
     batch, L, heads, headdim = x.shape
@@ -630,7 +630,6 @@ def _check_ssd_args(x, dt, A, B, C, D, z, dt_bias):
     for name, t, shape in (("D", D, (heads,)), ("z", z, x.shape), ("dt_bias", dt_bias, (heads,))):
         if t is not None:
             _expect(t, name, shape, dev)
-    return batch, L, heads, headdim, N
 
 
 def ssd_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, chunk_size=64,
