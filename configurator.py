@@ -2,7 +2,8 @@
 
     python train.py configs/prefix_simba.py configs/tiny.py --n_layer=6 --learning_rate=3e-4
 
-Arguments are applied in order: a path runs as a Python file whose assignments override the defaults; a
+Arguments are applied in order: a path runs as a Python file whose assignments override the defaults (it can
+read the values set so far, as configs/tiny.py does); a
 --key=value sets one default (the value is read as a Python literal, else taken as a string). A key that is
 not a default, or a value of another type than the default's, stops the run with a one-line message.
 """
@@ -39,8 +40,8 @@ def configure(defaults, argv, script):
                 source = open(arg).read()
             except OSError as e:
                 sys.exit(f"{script}: cannot read config file {arg}: {e.strerror}")
-            values = {}
-            exec(compile(source, arg, "exec"), {}, values)
+            values = {}  # the file sees the values so far (tiny.py scales n_layer) and sets new ones
+            exec(compile(source, arg, "exec"), dict(keys), values)
             for key, value in values.items():
                 if not key.startswith("_"):
                     keys[key] = defaults[key] = _check(script, keys, key, value, arg)

@@ -636,47 +636,137 @@ def read_log(run):
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
 
 
+SEED_KEYS = ("seed", "out_dir", "init_from", "log_interval")  # config keys that differ between seeds of one setting
+
+
 def run_summary(run):
-    """One row of the comparison: what the checkpoint, log.csv and the run's eval_*.json files hold."""
+    """What one run's checkpoint, log.csv and eval_*.json files say."""
     try:
         model, ckpt = load_run(run)
     except ValueError as e:
         sys.exit(f"evaluate.py: {e}; --runs takes train.py out_dirs")
-    c = ckpt["config"]
-    log = read_log(run)
+    log = [r for r in read_log(run) if "val_loss" in r]
+    if not log:
+        sys.exit(f"evaluate.py: {run}/log.csv has no val loss rows; --runs takes train.py out_dirs")
     evals = {}
     for name in ("offline", "audio"):
         p = os.path.join(run, f"eval_{name}.json")
         if os.path.exists(p):
             evals.update(json.load(open(p)))
-    gains = [r["text_gain"] for r in log if "text_gain" in r]
-    return dict(run=run, variant=f"{c.get('cond')} {c.get('block')}" if c.get("model_type", "lm") == "lm" else "stage 2",
-                params=model.num_params(), steps=ckpt["iter_num"],
-                tokens=ckpt["tokens_seen"], flops=ckpt["flops_seen"], best_val_loss=ckpt["best_val_loss"],
-                text_gain=evals.get("text_gain", gains[-1] if gains else None),
-                probe=evals.get("probe_generated_mean"), probe_ceiling=evals.get("probe_ceiling_mean"),
-                fd_openl3=evals.get("fd_openl3"), kl_passt=evals.get("kl_passt"), clap=evals.get("clap"), log=log)
+    speeds = [r["tokens_per_s"] for r in log if "tokens_per_s" in r]
+    return dict(run=run, config=ckpt["config"], params=model.num_params(), log=log,
+                tokens_per_s=float(np.median(speeds)) if speeds else None, text_gain=evals.get("text_gain", log[-1].get("text_gain")), probe=evals.get("probe_generated_mean"),
+                probe_no_caption=evals.get("probe_generated_no_caption_mean"),
+                probe_ceiling=evals.get("probe_ceiling_mean"), **{m: evals.get(m) for m in ("fd_openl3", "kl_passt", "clap")})
+
+
+def variant_names(settings):
+    """A name per variant (settings without the learning rate): cond_block, plus the keys that tell apart
+    variants whose cond_block is the same."""
+    base = [f"{s.get('cond')}_{s.get('block')}" if s.get("model_type", "lm") == "lm" else "stage2" for s in settings]
+    names = []
+    for s, b in zip(settings, base):
+        twins = [t for t, c in zip(settings, base) if c == b and t is not s]
+        keys = sorted({k for t in twins for k in set(s) | set(t) if s.get(k) != t.get(k)})
+        names.append(b + "".join(f" {k}={s.get(k)}" for k in keys))
+    return names
+
+
+def group_runs(rows):
+    """Runs whose settings differ only in SEED_KEYS are seeds of one setting -> [[row, ...], ...], in first-seen order."""
+    groups = {}
+    for r in rows:
+        key = repr(sorted((k, v) for k, v in r["config"].items() if k not in SEED_KEYS))
+        groups.setdefault(key, []).append(r)
+    return list(groups.values())
+
+
+def at(row, x, budget):
+    """The run's val loss at `budget` of x (iter, flops_seen or train_seconds), linear between its evals."""
+    log = row["log"]
+    return float(np.interp(budget, [p.get(x, 0.0) for p in log], [p["val_loss"] for p in log]))
+
+
+def spread(values):
+    """-> (mean, standard deviation over the seeds (None for one seed), n); values that are None are left out."""
+    v = [x for x in values if x is not None]
+    if not v:
+        return None
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else None, len(v)
+
+
+def show(s, f=".4f"):
+    if s is None:
+        return ""
+    mean, sd, _ = s
+    return format(mean, f) + ("" if sd is None else " ± " + format(sd, f))
 
 
 def compare(run_dirs):
-    rows = [run_summary(r) for r in run_dirs]
-    fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
-    print("| run | variant | params | steps | tokens | FLOPs | best val loss | text gain | probe acc (ceiling) | "
-          "FD_openl3 | KL_passt | CLAP |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    """Group the runs' seeds; per variant, pick the learning rate with the lowest mean final val loss and compare
+    the variants there at equal steps, equal training FLOPs and equal training wall-clock (the least that every
+    variant reached), with the text gain and the probe. Prints two Markdown tables, draws the curves with their
+    spread, returns the per-variant rows."""
+    groups = group_runs([run_summary(r) for r in run_dirs])
+    settings = [{k: v for k, v in g[0]["config"].items() if k not in SEED_KEYS + ("learning_rate",)} for g in groups]
+    names = variant_names(settings)
+    variants = {}
+    for name, g in zip(names, groups):
+        variants.setdefault(name, []).append(g)
+    best = {name: min(gs, key=lambda g: spread([r["log"][-1]["val_loss"] for r in g])[0]) for name, gs in variants.items()}
+
+    print("Every setting: the final val loss, mean ± sd over the seeds.\n")
+    print("| variant | learning rate | seeds | steps | final val loss | |\n|---|---|---|---|---|---|")
+    for name, gs in variants.items():
+        gs.sort(key=lambda g: g[0]["config"]["learning_rate"])
+        for g in gs:
+            mark = ""
+            if g is best[name]:
+                mark = "best, at the edge of the grid" if len(gs) > 1 and g in (gs[0], gs[-1]) else "best"
+            print(f"| {name} | {g[0]['config']['learning_rate']:.3g} | {len(g)} | {int(g[0]['log'][-1]['iter'])} | "
+                  f"{show(spread([r['log'][-1]['val_loss'] for r in g]))} | {mark} |")
+
+    budgets = {x: min(r["log"][-1].get(x, 0.0) for g in best.values() for r in g)
+               for x in ("iter", "flops_seen", "train_seconds")}
+    rows = []
+    for name, g in best.items():
+        rows.append(dict(variant=name, learning_rate=g[0]["config"]["learning_rate"], seeds=len(g),
+                         runs=[r["run"] for r in g], params=g[0]["params"],
+                         tokens_per_s=spread([r["tokens_per_s"] for r in g]),
+                         **{f"val_loss_at_{x}": spread([at(r, x, b) for r in g]) for x, b in budgets.items()},
+                         **{k: spread([r[k] for r in g]) for k in ("text_gain", "probe", "probe_no_caption",
+                                                                  "probe_ceiling", "fd_openl3", "kl_passt", "clap")}))
+    print(f"\nEach variant at its best learning rate (mean ± sd over the seeds). Budgets: {budgets['iter']:.0f} steps, "
+          f"{budgets['flops_seen']:.3g} training FLOPs, {budgets['train_seconds']:.0f} s of training.\n")
+    print("| variant | lr | seeds | params | tokens/s | val loss, equal steps | equal FLOPs | equal wall-clock | "
+          "text gain | probe: generated | no caption | ceiling | FD_openl3 | KL_passt | CLAP |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        probe = "" if r["probe"] is None else f"{r['probe']:.3f} ({r['probe_ceiling']:.3f})"
-        print(f"| {r['run']} | {r['variant']} | {r['params'] / 1e6:.2f}M | {r['steps']} | {r['tokens']:.3g} | "
-              f"{r['flops']:.3g} | {r['best_val_loss']:.4f} | {fmt(r['text_gain'], '+.4f')} | {probe} | "
-              f"{fmt(r['fd_openl3'], '.3f')} | {fmt(r['kl_passt'], '.3f')} | {fmt(r['clap'], '.3f')} |")
+        print(f"| {r['variant']} | {r['learning_rate']:.3g} | {r['seeds']} | {r['params'] / 1e6:.3f}M | "
+              f"{show(r['tokens_per_s'], ',.0f')} | {show(r['val_loss_at_iter'])} | {show(r['val_loss_at_flops_seen'])} | "
+              f"{show(r['val_loss_at_train_seconds'])} | {show(r['text_gain'], '+.4f')} | {show(r['probe'], '.3f')} | "
+              f"{show(r['probe_no_caption'], '.3f')} | {show(r['probe_ceiling'], '.3f')} | {show(r['fd_openl3'], '.3f')} | "
+              f"{show(r['kl_passt'], '.3f')} | {show(r['clap'], '.3f')} |")
+    plot_curves(best)
+    return rows
+
+
+def plot_curves(best):
+    """Val loss against steps, training FLOPs and training seconds: each variant's seeds at its best rate, their mean
+    as a line and their range as a band."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for r in rows:
-        points = [p for p in r["log"] if "val_loss" in p]
-        for ax, x in zip(axes, ("iter", "flops_seen")):
-            ax.plot([p[x] for p in points], [p["val_loss"] for p in points], marker=".", label=f"{r['run']} ({r['variant']})")
-    for ax, label in zip(axes, ("steps", "training FLOPs")):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, g in best.items():
+        n = min(len(r["log"]) for r in g)  # seeds of one setting evaluate at the same steps
+        y = np.array([[p["val_loss"] for p in r["log"][:n]] for r in g])  # (seeds, evals)
+        label = f"{name}, lr {g[0]['config']['learning_rate']:.3g} ({len(g)} seed{'s' * (len(g) > 1)})"
+        for ax, x in zip(axes, ("iter", "flops_seen", "train_seconds")):
+            xs = np.array([[p.get(x, 0.0) for p in r["log"][:n]] for r in g]).mean(0)
+            line, = ax.plot(xs, y.mean(0), marker=".", label=label)
+            ax.fill_between(xs, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
+    for ax, label in zip(axes, ("steps", "training FLOPs", "training wall-clock (s)")):
         ax.set_xlabel(label)
         ax.set_ylabel("val loss (nats/token)")
         ax.grid(alpha=0.3)
@@ -685,7 +775,6 @@ def compare(run_dirs):
     path = out or "compare.png"
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     print(f"\nwrote {path}")
-    return [{k: v for k, v in r.items() if k != "log"} for r in rows]
 
 
 # -----------------------------------------------------------------------------

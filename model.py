@@ -20,7 +20,7 @@ right by k+1 steps); the model predicts the K tokens of the next position at onc
 """
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -68,9 +68,9 @@ def read_config(*paths, **overrides):
     """A ModelConfig from config files (plain Python assignments, later files win) and keyword overrides.
     Keys that are not model keys (out_dir, training settings) are left to train.py."""
     values = {}
-    for path in paths:
+    for path in paths:  # each file sees the values so far, as in configurator.py
         with open(path) as f:
-            exec(f.read(), {}, values)
+            exec(f.read(), {**asdict(ModelConfig()), **values}, values)
     values.update(overrides)
     keys = {f.name for f in fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in values.items() if k in keys})

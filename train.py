@@ -170,7 +170,7 @@ if model_type == "lm":
 else:
     model_args = dict(unet_channels=unet_channels, train_timesteps=train_timesteps,
                       codebook_size=codebook_size, n_codebooks=codec["n_codebooks"])
-iter_num, best_val_loss, tokens_seen, flops_seen = 0, float("inf"), 0, 0.0
+iter_num, best_val_loss, tokens_seen, flops_seen, train_seconds = 0, float("inf"), 0, 0.0, 0.0
 checkpoint = None
 if init_from == "resume":
     if not os.path.exists(ckpt_path):
@@ -179,6 +179,7 @@ if init_from == "resume":
     model_args = checkpoint["model_args"]
     iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
     tokens_seen, flops_seen = checkpoint["tokens_seen"], checkpoint["flops_seen"]
+    train_seconds = checkpoint.get("train_seconds", 0.0)
 elif init_from != "scratch":
     sys.exit(f"train.py: init_from={init_from!r}: expected 'scratch' or 'resume'")
 if model_type == "lm":
@@ -263,7 +264,7 @@ def mfu(tokens_per_s):
 def save_checkpoint(path):
     ckpt = dict(model_args=model_args, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                 iter_num=iter_num, best_val_loss=best_val_loss, config=config, data_meta=meta,
-                tokens_seen=tokens_seen, flops_seen=flops_seen,
+                tokens_seen=tokens_seen, flops_seen=flops_seen, train_seconds=train_seconds,
                 rng=dict(data=data_gen.get_state(), torch=torch.get_rng_state(),
                          cuda=torch.cuda.get_rng_state() if device_type == "cuda" else None))
     atomic_write(path, lambda tmp: torch.save(ckpt, tmp))  # a kill never leaves a broken checkpoint
@@ -272,13 +273,14 @@ def save_checkpoint(path):
 # -----------------------------------------------------------------------------
 # the loop
 log_path = os.path.join(out_dir, "log.csv")
-columns = ["iter", "tokens_seen", "flops_seen", "lr", "train_loss", *METRICS, "tokens_per_s", "mfu", "peak_mem_MB"]
+columns = ["iter", "tokens_seen", "flops_seen", "train_seconds", "lr", "train_loss", *METRICS, "tokens_per_s", "mfu", "peak_mem_MB"]
 if master and (init_from == "scratch" or not os.path.exists(log_path)):
     with open(log_path, "w", newline="") as f:
         csv.writer(f).writerow(columns)
 tokens_per_iter = batch_size * positions * gradient_accumulation_steps * world_size
 train_kwargs = dict(label_smoothing=label_smoothing) if model_type == "lm" else {}
 train_losses, t_window, tokens_window = [], time.time(), 0
+start_iter = iter_num
 if master:
     print(f"train.py: {raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter} tokens per iteration, "
           f"{flops_per_token / 1e6:.1f} MFLOPs per token, data {root} ({meta['splits']['train']['clips']} train clips)")
@@ -286,17 +288,19 @@ while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    if iter_num % eval_interval == 0 and master:
+    logged = init_from == "resume" and iter_num == start_iter  # the checkpoint was written right after this eval
+    if (iter_num % eval_interval == 0 or iter_num >= max_iters) and master and not logged:
+        elapsed = time.time() - t_window  # training time since the last eval (evals and checkpoints not counted)
         metrics = evaluate()
-        elapsed = time.time() - t_window
         tokens_per_s = tokens_window / elapsed if tokens_window else None
+        train_seconds += elapsed if tokens_window else 0.0
         train_loss = sum(train_losses) / len(train_losses) if train_losses else None
         peak = torch.cuda.max_memory_allocated() / 2**20 if device_type == "cuda" else None
         print(f"iter {iter_num}: val loss {metrics['val_loss']:.4f}"
               + (f", without text {metrics['val_loss_notext']:.4f}, text gain {metrics['text_gain']:+.4f}"
                  if model_type == "lm" else "") + (f", train loss {train_loss:.4f}" if train_loss else ""))
         best_val_loss = min(best_val_loss, metrics["val_loss"])
-        row = [iter_num, tokens_seen, flops_seen, lr, train_loss, *metrics.values(), tokens_per_s,
+        row = [iter_num, tokens_seen, flops_seen, train_seconds, lr, train_loss, *metrics.values(), tokens_per_s,
                mfu(tokens_per_s) if tokens_per_s else None, peak]
         with open(log_path, "a", newline="") as f:
             csv.writer(f).writerow(["" if v is None else f"{v:.6g}" if isinstance(v, float) else v for v in row])

@@ -1,6 +1,7 @@
 """evaluate.py: the metric formulas against closed forms and scipy, audio loading, the audio section with stand-in
 evaluators (the pretrained ones cannot be downloaded here), the offline metrics and probe on tiny runs trained
 here, the comparison table and figure, and the stage-2 section."""
+import csv
 import importlib
 import json
 import subprocess
@@ -205,9 +206,15 @@ def test_val_nll_is_the_training_loss_on_a_whole_clip(lm_runs):
     assert nll.shape == (K,) and (nll_notext != nll).any()
 
 
-def test_offline_section_and_comparison(lm_runs, tmp_path, capsys):
-    result = evaluate.main(["--section=offline", f"--out_dir={lm_runs[0]}", "--probe_seconds=1.0", "--probe_iters=20",
-                            "--gen_per_caption=1"])
+@pytest.fixture(scope="module")
+def offline_result(lm_runs):
+    importlib.reload(evaluate)
+    return evaluate.main(["--section=offline", f"--out_dir={lm_runs[0]}", "--probe_seconds=1.0", "--probe_iters=20",
+                          "--gen_per_caption=1"])
+
+
+def test_offline_section(lm_runs, offline_result):
+    result = offline_result
     assert result["text_gain"] == pytest.approx(result["nll_notext"] - result["nll"], abs=1e-6)
     assert len(result["nll_per_codebook"]) == 4
     assert set(result["probe_attributes"]) >= {"instrument", "mode", "bpm", "drums"}
@@ -218,15 +225,45 @@ def test_offline_section_and_comparison(lm_runs, tmp_path, capsys):
     ckpt = torch.load(lm_runs[0] / "ckpt.pt", weights_only=True)
     [cache] = Path(evaluate.data_root(ckpt)).glob("probe_*.pt")
     stamp = cache.stat().st_mtime_ns  # the same settings again: the cached probe, not a new one
+    evaluate.probe_iters = 20  # as offline_result set it (each test starts from evaluate.py's defaults)
     assert evaluate.cached_probe(evaluate.data_root(ckpt), ckpt["data_meta"], 75)[2] == result["probe_ceiling"]
     assert cache.stat().st_mtime_ns == stamp
+
+
+def log_rows(run):
+    with open(run / "log.csv") as f:
+        return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f)]
+
+
+def test_runs_group_seeds_and_compare_at_equal_budgets(lm_runs, offline_result, data_dir, tmp_path, capsys):
+    simba, transformer = lm_runs
+    seed1 = data_dir / "prefix_simba_seed1"
+    if not seed1.exists():
+        r = run_train(data_dir, seed1, "configs/prefix_simba.py", *TINY_LM, "--seed=1")
+        assert r.returncode == 0, r.stderr[-2000:]
     png = tmp_path / "runs.png"
-    rows = evaluate.main(["--runs", *map(str, lm_runs), f"--out={png}"])
+    rows = evaluate.main(["--runs", str(simba), str(transformer), str(seed1), f"--out={png}"])
     table = capsys.readouterr().out
-    assert [r["variant"] for r in rows] == ["prefix simba", "prefix transformer"]
-    assert rows[0]["probe"] == pytest.approx(result["probe_generated_mean"]) and rows[1]["probe"] is None
-    assert all(r["steps"] == 6 and r["params"] > 0 and r["flops"] > 0 for r in rows)
-    assert table.count("| " + str(lm_runs[0])) == 1 and table.count("| " + str(lm_runs[1])) == 1
+    assert [(r["variant"], r["seeds"]) for r in rows] == [("prefix_simba", 2), ("prefix_transformer", 1)]
+    assert rows[0]["runs"] == [str(simba), str(seed1)] and all(r["params"] > 0 for r in rows)
+    # equal steps: the mean and the spread of the seeds' final val losses
+    finals = [log_rows(run)[-1]["val_loss"] for run in (simba, seed1)]
+    assert rows[0]["val_loss_at_iter"] == pytest.approx((np.mean(finals), np.std(finals, ddof=1), 2))
+    assert rows[1]["val_loss_at_iter"] == pytest.approx((log_rows(transformer)[-1]["val_loss"], None, 1))
+    # equal FLOPs and wall-clock: the least every variant reached; the other variant is read between its evals
+    for x in ("flops_seen", "train_seconds"):
+        logs = {run: log_rows(run) for run in (simba, seed1, transformer)}
+        budget = min(log[-1][x] for log in logs.values())
+        for run, log in logs.items():
+            assert log[-1][x] >= budget
+            i = next(i for i, p in enumerate(log) if p[x] >= budget)
+            lo, hi = sorted((log[i]["val_loss"], log[max(i - 1, 0)]["val_loss"]))
+            assert lo - 1e-9 <= evaluate.at(dict(log=log), x, budget) <= hi + 1e-9
+        assert rows[1][f"val_loss_at_{x}"][0] == pytest.approx(evaluate.at(dict(log=logs[transformer]), x, budget))
+    assert rows[0]["probe"][2] == 1 and rows[1]["probe"] is None  # only the first seed has eval_offline.json
+    assert rows[0]["text_gain"][2] == 2  # from eval_offline.json for one seed, from log.csv for the other
+    assert table.count("| prefix_simba | 0.003 | 2 |") == 2  # in the table of settings and in the comparison
+    assert f"{np.mean(finals):.4f} ± {np.std(finals, ddof=1):.4f}" in table
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
