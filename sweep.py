@@ -18,12 +18,16 @@ Runs land in out_root/<variant>-lr<lr>-s<seed>/. A finished run is skipped and a
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from bench import commit, machine
 from configurator import configure
+from prepare import atomic_write
 
 # -----------------------------------------------------------------------------
 variants = ("prefix_simba", "prefix_mamba", "cross_simba", "prefix_transformer", "cross_transformer")
@@ -32,7 +36,7 @@ lr_step = 2.5  # the ratio between neighbouring rates when the grid grows
 max_widen = 2  # at most this many rates added per variant
 seeds = 3  # runs at each variant's best rate (seed 0 is the grid's run)
 out_root = "out-sweep"
-train_args = ()  # more train.py flags for every run, after the configs, e.g. ("--max_iters=300",)
+train_args = ("--eval_interval=50",)  # more train.py flags for every run, after the configs (finer val curves)
 eval_args = ()  # more evaluate.py flags for the offline section
 jobs = 1  # runs at once; the CPU threads are shared out among them
 # -----------------------------------------------------------------------------
@@ -132,6 +136,7 @@ def evaluate_offline(path):
 
 def main(argv):
     configure(globals(), argv, "sweep.py")
+    started = time.time()
     for v in variants:
         if not os.path.exists(f"configs/{v}.py"):
             sys.exit(f"sweep.py: variants: no config file configs/{v}.py")
@@ -145,9 +150,12 @@ def main(argv):
                             f"--out={os.path.join(out_root, 'compare.png')}"], capture_output=True, text=True)
     if table.returncode:
         sys.exit(f"sweep.py: evaluate.py --runs failed: {table.stderr.strip().splitlines()[-1]}")
-    with open(os.path.join(out_root, "compare.md"), "w") as f:
-        f.write(table.stdout)
-    print(table.stdout)
+    trained = sum(torch.load(os.path.join(r, "ckpt.pt"), weights_only=True).get("train_seconds", 0.0) for r in every_run)
+    header = (f"sweep.py at commit {commit()} on {machine('cuda' if torch.cuda.is_available() else 'cpu')}, "
+              f"{jobs} run(s) at a time: {len(every_run)} runs, {trained / 3600:.2f} h of training in all; "
+              f"this call took {(time.time() - started) / 3600:.2f} h.\n\n")
+    atomic_write(os.path.join(out_root, "compare.md"), lambda tmp: Path(tmp).write_text(header + table.stdout))
+    print(header + table.stdout)
 
 
 if __name__ == "__main__":
