@@ -195,14 +195,17 @@ def test_val_nll_is_the_training_loss_on_a_whole_clip(lm_runs):
     L = int(d["clips"][0][1])  # one window per clip: the loss train.py computes on that crop
     nll, nll_notext = evaluate.val_nll(model, d, L)
     K, V = model.config.n_codebooks, model.config.codebook_size
-    per_clip = []
+    first, _ = evaluate.val_nll(model, d, L, first=10)
+    per_clip, per_clip_first = [], []
     for i, (o, n) in enumerate(d["clips"].tolist()):
         seq = delay(torch.from_numpy(d["codes"][:K, o:o + n].astype(np.int64))[None], V)
         text = torch.from_numpy(d["text"][i:i + 1].astype(np.float32))
         mask = torch.arange(text.shape[1])[None] < int(d["text_len"][i])
         logits, _ = model(seq[:, :, :-1], text, mask)
         per_clip.append(codebook_losses(logits, seq[:, :, 1:]))
+        per_clip_first.append(codebook_losses(logits[:, :, :10], seq[:, :, 1:11]))
     assert torch.allclose(nll, torch.stack(per_clip).mean(0), atol=1e-5)  # equal-length clips: a plain mean
+    assert torch.allclose(first, torch.stack(per_clip_first).mean(0), atol=1e-5)
     assert nll.shape == (K,) and (nll_notext != nll).any()
 
 
@@ -216,6 +219,8 @@ def offline_result(lm_runs):
 def test_offline_section(lm_runs, offline_result):
     result = offline_result
     assert result["text_gain"] == pytest.approx(result["nll_notext"] - result["nll"], abs=1e-6)
+    # the first second of each window: here every window (48 frames) is shorter than that
+    assert result["text_gain_first_second"] == pytest.approx(result["text_gain"], abs=1e-6)
     assert len(result["nll_per_codebook"]) == 4
     assert set(result["probe_attributes"]) >= {"instrument", "mode", "bpm", "drums"}
     for key in ("probe_ceiling", "probe_chance", "probe_generated", "probe_generated_no_caption"):
