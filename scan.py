@@ -601,19 +601,35 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 
 # -----------------------------------------------------------------------------
-# 4. Mamba-2's case as matrix products (SSD), any device
+# 4. Mamba-2's case as matrix products (SSD): the PyTorch path, then the Triton kernels
 #
 # When A is one scalar per head (Mamba-2), exp(delta_t A) is the same for all N states of a head, and the
-# scan unrolls into matrix products (Dao & Gu 2024, "state space duality"). Cut the sequence into chunks
-# of Q steps and write a_t = exp(dt_t A), s_t = the sum of log a over the chunk up to t. Inside a chunk:
-#     y_t = sum_{s <= t} exp(s_t - s_s) (C_t . B_s) dt_s x_s  +  exp(s_t) C_t . H           (H entering)
-# the first term a masked (Q, Q) matrix, C B^T, shared by every head, times the chunk's inputs; and the
-# state leaving chunk k is S_k = sum_s exp(s_Q - s_s) dt_s x_s B_s^T, passed on from chunk to chunk with
-# the chunk's total decay. Work and memory are in (Q, Q) and (headdim, N) matrices; no (L, N)-per-channel
-# tensor exists, and the matrix products run on the GPU's tensor cores. Autograd does the backward.
+# scan unrolls into matrix products (Dao & Gu 2024, "state space duality"). Per batch row and head, with
+#   Q        the chunk length (64)        P  headdim        N  d_state
+#   dt_j     softplus(dt + dt_bias) at step j of a chunk; dt_j A <= 0 is the log of that step's decay
+#   s_t      the sum of dt_j A over the chunk's steps j <= t: the decay from step j to step t is exp(s_t - s_j)
+#   CB       (Q, Q), CB[t, j] = C_t . B_j: one per chunk, shared by every head
+#   H_c      (P, N), the state entering chunk c (H_0: the initial state, or 0); H_nc the state after the last
+#   w_j      exp(s_Q - s_j) dt_j: how much of step j's input reaches the chunk's end
+# the forward is, chunk by chunk:
+#   (1) y_t = sum_{j <= t} CB[t, j] exp(s_t - s_j) dt_j x_j          within the chunk: a masked (Q, Q) product
+#   (2)     + exp(s_t) H_c C_t                                        from the state entering it
+#   (3) H_{c+1} = exp(s_Q) H_c + sum_j w_j x_j B_j^T                  the state passed on
+# and, given dy and G_c = dL/dH_c (G_nc: the gradient of the returned last state), the backward:
+#   (4) G_c = exp(s_Q) G_{c+1} + sum_t exp(s_t) dy_t C_t^T            walked in reverse
+#   (5) dx_j = sum_{t >= j} CB[t, j] exp(s_t - s_j) dt_j dy_t  +  w_j G_{c+1} B_j
+#   (6) dC_t = sum_j dCB[t, j] B_j + exp(s_t) H_c^T dy_t     dB_j = sum_t dCB[t, j] C_t + w_j G_{c+1}^T x_j
+#       where dCB[t, j] = (dy_t . x_j) exp(s_t - s_j) dt_j for j <= t, summed over the heads
+#   (7) ddt_j (through dt_j itself) = sum_t (dy_t . x_j) CB[t, j] exp(s_t - s_j) + exp(s_Q - s_j) x_j . G_{c+1} B_j
+#   (8) ds_t: each exp(s_t - s_j) in (1), exp(s_t) in (2), exp(s_Q - s_j) and exp(s_Q) in (3) differentiated
+# and s's gradient reaches dt and A through the cumulative sum (autograd). No (L, N)-per-channel tensor is
+# formed, and on a GPU the products run on tensor cores.
+#
+# The PyTorch path keeps B, C and the states in (batch, chunk, ...) with the heads inside the matrix
+# dimension, so B and C are never copied per head; it serves the CPU and is the kernels' reference.
 
 
-def _check_ssd_args(x, dt, A, B, C, D, z, dt_bias):
+def _check_ssd_args(x, dt, A, B, C, D, z, dt_bias, initial_state):
     """Validate shapes, devices and dtypes (ValueError naming the argument)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] == 0:
         raise ValueError(f"x: expected shape (batch, L, heads, headdim) with L >= 1, got {getattr(x, 'shape', type(x))}")
@@ -627,35 +643,48 @@ def _check_ssd_args(x, dt, A, B, C, D, z, dt_bias):
     N = B.shape[2]
     _expect(B, "B", (batch, L, N), dev)
     _expect(C, "C", (batch, L, N), dev)
-    for name, t, shape in (("D", D, (heads,)), ("z", z, x.shape), ("dt_bias", dt_bias, (heads,))):
+    for name, t, shape in (("D", D, (heads,)), ("z", z, x.shape), ("dt_bias", dt_bias, (heads,)),
+                           ("initial_state", initial_state, (batch, heads, headdim, N))):
         if t is not None:
             _expect(t, name, shape, dev)
 
 
 def ssd_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, chunk_size=64,
-             return_last_state=False):
+             return_last_state=False, initial_state=None):
     """The selective scan with one scalar A and dt per head (Mamba-2), as chunked matrix products.
 
         x, z: (batch, L, heads, headdim)   dt: (batch, L, heads)   A, D, dt_bias: (heads,)
         B, C: (batch, L, N), shared by all heads
+        initial_state: (batch, heads, headdim, N) or None (zeros): the state before the first step
         -> out like x [, last_state (batch, heads, headdim, N), float32]
 
     The same function as selective_scan with A, dt and dt_bias repeated over each head's channels
     (channel d = head * headdim + i); the layout is mamba_ssm's mamba_chunk_scan_combined's. Computed in
     float32 whatever the inputs (autocast is turned off inside) and returned in x's dtype. Exact while
     dt * A <= 0 (a decay, as softplus'd dt and negative A make it); a growing state loses precision here.
-    For the backward only the inputs are kept and the chunks are computed again (activation
-    checkpointing): the per-chunk (headdim, N) states of every layer would take about 2.5 GB per layer for
-    the paper's Prefix SiMBA at batch 4 x 30 s, more than a GPU holds over 24 layers.
+    CUDA tensors go to the Triton kernels below (chunk_size a power of two >= 16), others to the PyTorch
+    path. Either way only the inputs are kept for the backward, which computes the chunks again: the
+    per-chunk (headdim, N) states take about 620 MB per layer in float32 for the paper's Prefix SiMBA at
+    batch 4 x 30 s, too much to keep for 24 layers.
     """
-    _check_ssd_args(x, dt, A, B, C, D, z, dt_bias)
-    y, last = checkpoint(_ssd_chunks, x, dt, A, B, C, D, z, dt_bias, dt_softplus, chunk_size, use_reentrant=False)
+    scan = ssd_scan_triton if x.is_cuda else ssd_scan_torch
+    return scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, chunk_size, return_last_state, initial_state)
+
+
+def ssd_scan_torch(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, chunk_size=64,
+                   return_last_state=False, initial_state=None):
+    """ssd_scan in PyTorch, any device; the backward is autograd's, from the inputs (activation checkpointing)."""
+    _check_ssd_args(x, dt, A, B, C, D, z, dt_bias, initial_state)
+    y, last = checkpoint(_ssd_chunks, x, dt, A, B, C, D, z, dt_bias, dt_softplus, chunk_size, initial_state,
+                         use_reentrant=False)
     return (y, last) if return_last_state else y
 
 
-def _ssd_chunks(x, dt, A, B, C, D, z, dt_bias, dt_softplus, Q):
-    """ssd_scan's computation -> (out, last_state); arrays are (batch, heads, chunk, ...) throughout."""
-    L, P, N = x.shape[1], x.shape[3], B.shape[-1]
+def _ssd_chunks(x, dt, A, B, C, D, z, dt_bias, dt_softplus, Q, initial_state):
+    """ssd_scan's computation -> (out, last_state). Arrays are (batch, chunk, ...): per step (b, c, Q, ...),
+    per chunk (b, c, h * P, N) with the heads inside the matrix dimension."""
+    batch, L, h, P = x.shape
+    N = B.shape[-1]
     f = _compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         dt = dt.to(f) if dt_bias is None else dt.to(f) + dt_bias.to(f)
@@ -664,27 +693,354 @@ def _ssd_chunks(x, dt, A, B, C, D, z, dt_bias, dt_softplus, Q):
         pad = -L % Q  # steps with dt = 0 after the end: no decay, no input, so nothing changes
         nc = (L + pad) // Q
         chunks = lambda t: F.pad(t.to(f), (0, 0) * (t.dim() - 2) + (0, pad)).unflatten(1, (nc, Q))  # noqa: E731
-        xdt = chunks(x * dt[..., None]).permute(0, 3, 1, 2, 4)  # (b, h, c, Q, P): dt_s x_s
-        Bc, Cc = chunks(B)[:, None], chunks(C)[:, None]  # (b, 1, c, Q, N)
-        s = (chunks(dt) * A.to(f)).permute(0, 3, 1, 2).cumsum(-1)  # (b, h, c, Q): log-decay from the chunk start
+        Bc, Cc, dtc = chunks(B), chunks(C), chunks(dt)  # (b, c, Q, N), (b, c, Q, N), (b, c, Q, h)
+        xdt = chunks(x) * dtc[..., None]  # (b, c, Q, h, P): dt_j x_j
+        # each exponent is A times a difference of cdt, dt summed from the chunk's start in float64 (see the
+        # kernels below for why); the diagonal's exp(0) is a constant, so it adds no rounding to the gradients
+        A, cdt = A.to(f), dtc.double().cumsum(2)  # cdt: (b, c, Q, h)
+        # (1) within each chunk: (C B^T, once per chunk) * the head's decays, times the head's inputs
         causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
-        decay = torch.exp((s[..., :, None] - s[..., None, :]).masked_fill(~causal, -math.inf))  # (b, h, c, Q, Q)
-        y = (Cc @ Bc.transpose(-1, -2) * decay) @ xdt  # (b, h, c, Q, P): within the chunk
-        S = (xdt * torch.exp(s[..., -1:] - s)[..., None]).transpose(-1, -2) @ Bc  # (b, h, c, P, N) leaving
-        # states entering chunk i (and, as row nc, leaving the last): H_i = sum_{k<i} exp(total decay of
-        # chunks k+1..i-1) S_k, one (nc + 1, nc) matrix product instead of a loop over chunks
-        tot = s[..., -1].cumsum(-1)  # (b, h, c): log-decay from the start to each chunk's end
-        enter = F.pad(tot, (1, 0))  # (b, h, c + 1): ... to each chunk's start
-        past = torch.ones(nc + 1, nc, dtype=torch.bool, device=x.device).tril(-1)
-        W = torch.exp((enter[..., :, None] - tot[..., None, :]).masked_fill(~past, -math.inf))  # (b, h, c+1, c)
-        H = (W @ S.flatten(3)).unflatten(3, (P, N))  # (b, h, c + 1, P, N)
-        y = y + Cc @ H[:, :, :nc].transpose(-1, -2) * torch.exp(s)[..., None]  # from the states entering
-        y = y.permute(0, 2, 3, 1, 4).flatten(1, 2)[:, :L]  # (b, L, h, P)
+        ct = cdt.transpose(2, 3)  # (b, c, h, Q)
+        exponent = torch.where(causal.tril(-1), A[:, None, None] * (ct[..., :, None] - ct[..., None, :]).to(f),
+                               torch.zeros(Q, Q, dtype=f, device=x.device).masked_fill(~causal, -math.inf))
+        y = ((Cc @ Bc.transpose(-1, -2))[:, :, None] * torch.exp(exponent)) @ xdt.transpose(2, 3)  # (b, c, h, Q, P)
+        y = y.transpose(2, 3)  # (b, c, Q, h, P)
+        # (3) each chunk's input to the state, then the states entering the chunks, one chunk at a time
+        w = torch.exp(A * (cdt[:, :, -1:] - cdt).to(f))[..., None]  # (b, c, Q, h, 1): decay to the chunk's end
+        S = (xdt * w).flatten(3).transpose(-1, -2) @ Bc  # (b, c, h * P, N)
+        H = x.new_zeros(batch, nc + 1, h * P, N, dtype=f)  # H[:, c] enters chunk c; H[:, nc] is the last state
+        if initial_state is not None:
+            H[:, 0] = initial_state.to(f).reshape(batch, h * P, N)
+        chunk_decay = torch.exp(A * cdt[:, :, -1].to(f))[..., None, None]  # (b, c, h, 1, 1)
+        for c in range(nc):
+            H[:, c + 1] = (H[:, c].unflatten(1, (h, P)) * chunk_decay[:, c]).flatten(1, 2) + S[:, c]
+        # (2) from the state entering each chunk
+        y = y + (Cc @ H[:, :nc].transpose(-1, -2)).unflatten(-1, (h, P)) * torch.exp(A * cdt.to(f))[..., None]
+        y = y.flatten(1, 2)[:, :L]  # (b, L, h, P)
         if D is not None:
             y = y + D.to(f)[:, None] * x.to(f)
         if z is not None:
             y = y * F.silu(z.to(f))
-    return y.to(x.dtype), H[:, :, nc].contiguous()
+    return y.to(x.dtype), H[:, nc].view(batch, h, P, N).contiguous()
+
+
+# The Triton kernels. dt (after bias and softplus) and cdt, its cumulative sum from each chunk's start, are
+# prepared in PyTorch as (batch, heads, chunk, Q) tensors, and each exponent is formed in the kernels as A times
+# a difference of cdt (s_t - s_j = A (cdt_t - cdt_j)). cdt is float64: in float32, when large and tiny steps
+# mix, the difference of two cumulative sums loses the tiny steps' digits, and with them 1% of dA. x, z, dy
+# are (batch, L, heads, P), B, C (batch, L, N), states (batch, heads, chunk + 1, P, N), all contiguous.
+# Products accumulate in float32 (on a GPU, float32 operands multiply as TF32).
+
+@triton.jit
+def _ssd_cb_kernel(C_ptr, B_ptr, cb_ptr, L, N, nc, Q: tl.constexpr, BLOCK_N: tl.constexpr):
+    """CB = C B^T of one chunk of one batch row: (Q, Q). Grid (batch * chunks,)."""
+    b, c = tl.program_id(0).to(tl.int64) // nc, tl.program_id(0) % nc
+    t = c * Q + tl.arange(0, Q)  # (Q,) steps of the chunk
+    t_ok = t < L
+    acc = tl.zeros((Q, Q), tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        offs, m = (b * L + t[:, None]) * N + n[None, :], t_ok[:, None] & (n < N)[None, :]  # (Q, BN)
+        Cv = tl.load(C_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        Bv = tl.load(B_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        acc += tl.dot(Cv, tl.trans(Bv))
+    i = tl.arange(0, Q)
+    tl.store(cb_ptr + ((b * nc + c) * Q + i[:, None]) * Q + i[None, :], acc)
+
+
+@triton.jit
+def _ssd_decays(A_ptr, dt_ptr, cdt_ptr, h, chunk, Q: tl.constexpr):
+    """One chunk's dt (Q,), cdt (Q,) float64, the head's A, exp(s_t) (Q,), exp(s_Q - s_j) (Q,), and the masked
+    (Q, Q) decays exp(s_t - s_j), j <= t."""
+    q = tl.arange(0, Q)
+    a = tl.load(A_ptr + h).to(tl.float32)
+    dt, cdt, cdt_end = tl.load(dt_ptr + chunk + q), tl.load(cdt_ptr + chunk + q), tl.load(cdt_ptr + chunk + Q - 1)
+    gap = (cdt[:, None] - cdt[None, :]).to(tl.float32)
+    decay = tl.exp(tl.where(q[:, None] >= q[None, :], a * gap, float("-inf")))
+    return dt, cdt, a, tl.exp(a * cdt.to(tl.float32)), tl.exp(a * (cdt_end - cdt).to(tl.float32)), decay
+
+
+@triton.jit
+def _ssd_states_kernel(x_ptr, B_ptr, A_ptr, dt_ptr, cdt_ptr, init_ptr, states_ptr, L, H, P, N, nc,
+                       HAS_INIT: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(3): the states entering every chunk and the last one, for one (batch row, head) and N tile, walking the
+    chunks in order with the (P, N tile) state on chip. Grid (batch * heads, N tiles)."""
+    bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // H, bh % H
+    p, n, q = tl.arange(0, BLOCK_P), tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N), tl.arange(0, Q)
+    pn_ok = (p < P)[:, None] & (n < N)[None, :]
+    pn = p[:, None] * N + n[None, :]  # (BP, BN) within one (P, N) state
+    if HAS_INIT:
+        state = tl.load(init_ptr + bh * P * N + pn, mask=pn_ok, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BLOCK_P, BLOCK_N), tl.float32)
+    for c in range(nc):
+        tl.store(states_ptr + (bh * (nc + 1) + c) * P * N + pn, state, mask=pn_ok)
+        t = c * Q + q
+        x = tl.load(x_ptr + ((b * L + t[:, None]) * H + h) * P + p[None, :],
+                    mask=(t < L)[:, None] & (p < P)[None, :], other=0.0).to(tl.float32)  # (Q, BP)
+        Bv = tl.load(B_ptr + (b * L + t[:, None]) * N + n[None, :],
+                     mask=(t < L)[:, None] & (n < N)[None, :], other=0.0).to(tl.float32)  # (Q, BN)
+        a = tl.load(A_ptr + h).to(tl.float32)
+        dt, cdt = tl.load(dt_ptr + (bh * nc + c) * Q + q), tl.load(cdt_ptr + (bh * nc + c) * Q + q)
+        cdt_end = tl.load(cdt_ptr + (bh * nc + c) * Q + Q - 1)
+        w = tl.exp(a * (cdt_end - cdt).to(tl.float32)) * dt  # (Q,)
+        state = state * tl.exp(a * cdt_end.to(tl.float32)) + tl.dot(tl.trans(x * w[:, None]), Bv)  # (BP, BN)
+    tl.store(states_ptr + (bh * (nc + 1) + nc) * P * N + pn, state, mask=pn_ok)
+
+
+@triton.jit
+def _ssd_output_kernel(x_ptr, C_ptr, cb_ptr, A_ptr, dt_ptr, cdt_ptr, states_ptr, D_ptr, z_ptr, out_ptr,
+                       L, H, P, N, nc, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+                       Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(1) + (2), then D and the gate: the output of one chunk of one (batch row, head). Grid (batch * heads, chunks)."""
+    bh, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    b, h = bh // H, bh % H
+    p, q = tl.arange(0, BLOCK_P), tl.arange(0, Q)
+    t = c * Q + q
+    tp_ok = (t < L)[:, None] & (p < P)[None, :]
+    x_offs = ((b * L + t[:, None]) * H + h) * P + p[None, :]  # (Q, BP)
+    dt, _, _, es, _, decay = _ssd_decays(A_ptr, dt_ptr, cdt_ptr, h, (bh * nc + c) * Q, Q)
+    y = tl.zeros((Q, BLOCK_P), tl.float32)
+    for n0 in range(0, N, BLOCK_N):  # (2): C_t . H_c
+        n = n0 + tl.arange(0, BLOCK_N)
+        Cv = tl.load(C_ptr + (b * L + t[:, None]) * N + n[None, :], mask=(t < L)[:, None] & (n < N)[None, :],
+                     other=0.0).to(tl.float32)  # (Q, BN)
+        Hc = tl.load(states_ptr + (bh * (nc + 1) + c) * P * N + p[:, None] * N + n[None, :],
+                     mask=(p < P)[:, None] & (n < N)[None, :], other=0.0)  # (BP, BN)
+        y += tl.dot(Cv, tl.trans(Hc))
+    y *= es[:, None]
+    cb = tl.load(cb_ptr + ((b * nc + c) * Q + q[:, None]) * Q + q[None, :])  # (Q, Q)
+    x = tl.load(x_ptr + x_offs, mask=tp_ok, other=0.0).to(tl.float32)
+    y += tl.dot(cb * decay * dt[None, :], x)  # (1)
+    if HAS_D:
+        y += tl.load(D_ptr + h).to(tl.float32) * x
+    if HAS_Z:
+        zv = tl.load(z_ptr + x_offs, mask=tp_ok, other=0.0).to(tl.float32)
+        y *= zv * tl.sigmoid(zv)
+    tl.store(out_ptr + x_offs, y.to(out_ptr.dtype.element_ty), mask=tp_ok)
+
+
+@triton.jit
+def _ssd_state_grad_kernel(dy_ptr, C_ptr, A_ptr, cdt_ptr, states_ptr, dlast_ptr, dstates_ptr, carried_ptr,
+                           L, H, P, N, nc, HAS_DLAST: tl.constexpr,
+                           Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(4): G_c for every chunk, walking them in reverse with the (P, N tile) gradient on chip; and, for (8), the
+    gradient of exp(s_Q) in (3), exp(s_Q) sum(H_c * G_{c+1}), per N tile. Grid (batch * heads, N tiles)."""
+    bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // H, bh % H
+    p, n, q = tl.arange(0, BLOCK_P), tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N), tl.arange(0, Q)
+    pn_ok = (p < P)[:, None] & (n < N)[None, :]
+    pn = p[:, None] * N + n[None, :]
+    a = tl.load(A_ptr + h).to(tl.float32)
+    if HAS_DLAST:
+        g = tl.load(dlast_ptr + bh * P * N + pn, mask=pn_ok, other=0.0).to(tl.float32)
+    else:
+        g = tl.zeros((BLOCK_P, BLOCK_N), tl.float32)
+    for i in range(nc):
+        c = nc - 1 - i
+        tl.store(dstates_ptr + (bh * (nc + 1) + c + 1) * P * N + pn, g, mask=pn_ok)  # G_{c+1}
+        es = tl.exp(a * tl.load(cdt_ptr + (bh * nc + c) * Q + q).to(tl.float32))
+        es_end = tl.exp(a * tl.load(cdt_ptr + (bh * nc + c) * Q + Q - 1).to(tl.float32))
+        Hc = tl.load(states_ptr + (bh * (nc + 1) + c) * P * N + pn, mask=pn_ok, other=0.0)
+        tl.store(carried_ptr + (bh * nc + c) * tl.num_programs(1) + tl.program_id(1), es_end * tl.sum(Hc * g))
+        t = c * Q + q
+        dy = tl.load(dy_ptr + ((b * L + t[:, None]) * H + h) * P + p[None, :],
+                     mask=(t < L)[:, None] & (p < P)[None, :], other=0.0).to(tl.float32)  # (Q, BP)
+        Cv = tl.load(C_ptr + (b * L + t[:, None]) * N + n[None, :], mask=(t < L)[:, None] & (n < N)[None, :],
+                     other=0.0).to(tl.float32)  # (Q, BN)
+        g = g * es_end + tl.dot(tl.trans(dy * es[:, None]), Cv)
+    tl.store(dstates_ptr + bh * (nc + 1) * P * N + pn, g, mask=pn_ok)  # G_0: the initial state's gradient
+
+
+@triton.jit
+def _ssd_chunk_grad_kernel(x_ptr, dy_ptr, B_ptr, C_ptr, cb_ptr, A_ptr, dt_ptr, cdt_ptr, states_ptr, dstates_ptr,
+                           D_ptr, dx_ptr, ddt_ptr, dcdt_ptr, dA_ptr, dD_ptr, L, H, P, N, nc, HAS_D: tl.constexpr,
+                           Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(5), (7), and (8) but for the carried state's term: dx, ddt through dt itself, the gradient of cdt, and this
+    chunk's shares of dA and dD, for one chunk of one (batch row, head). Grid (batch * heads, chunks)."""
+    bh, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    b, h = bh // H, bh % H
+    p, q = tl.arange(0, BLOCK_P), tl.arange(0, Q)
+    t = c * Q + q
+    tp_ok = (t < L)[:, None] & (p < P)[None, :]
+    x_offs = ((b * L + t[:, None]) * H + h) * P + p[None, :]  # (Q, BP)
+    x = tl.load(x_ptr + x_offs, mask=tp_ok, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + x_offs, mask=tp_ok, other=0.0).to(tl.float32)
+    chunk = (bh * nc + c) * Q
+    dt, cdt, a, es, to_end, decay = _ssd_decays(A_ptr, dt_ptr, cdt_ptr, h, chunk, Q)
+    cdt_end = tl.load(cdt_ptr + chunk + Q - 1)
+    K = tl.load(cb_ptr + ((b * nc + c) * Q + q[:, None]) * Q + q[None, :]) * decay  # (Q, Q)
+    dM = tl.dot(dy, tl.trans(x))  # (Q, Q): dy_t . x_j
+    dx = tl.dot(tl.trans(K * dt[None, :]), dy)  # (5), within the chunk
+    ddt = tl.sum(dM * K, 0)  # (7), within the chunk
+    # (8), exp(s_t - s_j) in (1): +R[t, j] to s_t, -R[t, j] to s_j; the diagonal (always exp(0)) left out
+    R = tl.where(q[:, None] > q[None, :], dM * K * dt[None, :], 0.0)
+    ds = tl.sum(R, 1) - tl.sum(R, 0)
+    dA = tl.sum(R * (cdt[:, None] - cdt[None, :]).to(tl.float32))  # s_t - s_j = A (cdt_t - cdt_j)
+    y_in = tl.zeros((Q, BLOCK_P), tl.float32)  # C_t . H_c
+    gB = tl.zeros((Q, BLOCK_P), tl.float32)  # G_{c+1} B_j
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        tn_ok = (t < L)[:, None] & (n < N)[None, :]
+        Cv = tl.load(C_ptr + (b * L + t[:, None]) * N + n[None, :], mask=tn_ok, other=0.0).to(tl.float32)
+        Bv = tl.load(B_ptr + (b * L + t[:, None]) * N + n[None, :], mask=tn_ok, other=0.0).to(tl.float32)
+        pn, pn_ok = p[:, None] * N + n[None, :], (p < P)[:, None] & (n < N)[None, :]
+        Hc = tl.load(states_ptr + (bh * (nc + 1) + c) * P * N + pn, mask=pn_ok, other=0.0)
+        G = tl.load(dstates_ptr + (bh * (nc + 1) + c + 1) * P * N + pn, mask=pn_ok, other=0.0)
+        y_in += tl.dot(Cv, tl.trans(Hc))
+        gB += tl.dot(Bv, tl.trans(G))
+    e = es * tl.sum(dy * y_in, 1)  # (8), exp(s_t) in (2)
+    ds += e
+    dA += tl.sum(e * cdt.to(tl.float32))
+    dx += (to_end * dt)[:, None] * gB  # (5), through the state passed on
+    xgB = tl.sum(x * gB, 1)
+    ddt += to_end * xgB  # (7), through the state passed on
+    r = to_end * dt * xgB  # (8), exp(s_Q - s_j) in (3): -r_j to s_j, +r_j to s_Q
+    ds += tl.where(q == Q - 1, tl.sum(r), 0.0) - r
+    dA += tl.sum(r * (cdt_end - cdt).to(tl.float32))
+    if HAS_D:
+        dx += tl.load(D_ptr + h).to(tl.float32) * dy
+        tl.store(dD_ptr + bh * nc + c, tl.sum(dy * x))
+    tl.store(dx_ptr + x_offs, dx.to(dx_ptr.dtype.element_ty), mask=tp_ok)
+    tl.store(ddt_ptr + chunk + q, ddt)
+    tl.store(dcdt_ptr + chunk + q, a * ds)
+    tl.store(dA_ptr + bh * nc + c, dA)
+
+
+@triton.jit
+def _ssd_bc_grad_kernel(x_ptr, dy_ptr, B_ptr, C_ptr, A_ptr, dt_ptr, cdt_ptr, states_ptr, dstates_ptr, dB_ptr, dC_ptr,
+                        L, H, P, N, nc, Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(6): dB and dC of one chunk of one batch row and N tile. B and C are shared by all heads, so the program
+    loops over the heads and sums their terms on chip (no atomics). Grid (batch * chunks, N tiles)."""
+    b, c = tl.program_id(0).to(tl.int64) // nc, tl.program_id(0) % nc
+    p, n, q = tl.arange(0, BLOCK_P), tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N), tl.arange(0, Q)
+    t = c * Q + q
+    tp_ok, tn_ok = (t < L)[:, None] & (p < P)[None, :], (t < L)[:, None] & (n < N)[None, :]
+    pn, pn_ok = p[:, None] * N + n[None, :], (p < P)[:, None] & (n < N)[None, :]
+    dCB = tl.zeros((Q, Q), tl.float32)
+    dC = tl.zeros((Q, BLOCK_N), tl.float32)
+    dB = tl.zeros((Q, BLOCK_N), tl.float32)
+    for h in range(H):
+        bh = b * H + h
+        x_offs = ((b * L + t[:, None]) * H + h) * P + p[None, :]
+        x = tl.load(x_ptr + x_offs, mask=tp_ok, other=0.0).to(tl.float32)  # (Q, BP)
+        dy = tl.load(dy_ptr + x_offs, mask=tp_ok, other=0.0).to(tl.float32)
+        dt, _, _, es, to_end, decay = _ssd_decays(A_ptr, dt_ptr, cdt_ptr, h, (bh * nc + c) * Q, Q)
+        dCB += tl.dot(dy, tl.trans(x)) * decay * dt[None, :]
+        Hc = tl.load(states_ptr + (bh * (nc + 1) + c) * P * N + pn, mask=pn_ok, other=0.0)  # (BP, BN)
+        G = tl.load(dstates_ptr + (bh * (nc + 1) + c + 1) * P * N + pn, mask=pn_ok, other=0.0)
+        dC += tl.dot(dy * es[:, None], Hc)
+        dB += tl.dot(x * (to_end * dt)[:, None], G)
+    offs = (b * L + t[:, None]) * N + n[None, :]
+    Cv = tl.load(C_ptr + offs, mask=tn_ok, other=0.0).to(tl.float32)
+    Bv = tl.load(B_ptr + offs, mask=tn_ok, other=0.0).to(tl.float32)
+    dC += tl.dot(dCB, Bv)
+    dB += tl.dot(tl.trans(dCB), Cv)
+    tl.store(dC_ptr + offs, dC, mask=tn_ok)
+    tl.store(dB_ptr + offs, dB, mask=tn_ok)
+
+
+def _ssd_tiles(P, N):
+    """BLOCK_P (headdim, padded to a power of two >= 16) and BLOCK_N (an N tile of at most 64)."""
+    return max(16, triton.next_power_of_2(P)), min(64, max(16, triton.next_power_of_2(N)))
+
+
+def _ssd_forward(x, dt, cdt, A, B, C, D, z, init, Q, gate=True):
+    """The forward kernels -> (out, CB, states); dt, cdt: (batch, heads, chunks, Q)."""
+    batch, L, H, P = x.shape
+    N, nc = B.shape[-1], dt.shape[2]
+    BLOCK_P, BLOCK_N = _ssd_tiles(P, N)
+    cb = x.new_empty(batch, nc, Q, Q, dtype=torch.float32)
+    _ssd_cb_kernel[(batch * nc,)](C, B, cb, L, N, nc, Q=Q, BLOCK_N=BLOCK_N)
+    states = x.new_empty(batch, H, nc + 1, P, N, dtype=torch.float32)
+    _ssd_states_kernel[(batch * H, triton.cdiv(N, BLOCK_N))](
+        x, B, A, dt, cdt, x if init is None else init, states, L, H, P, N, nc,
+        HAS_INIT=init is not None, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N)
+    out = torch.empty_like(x)
+    has_z = gate and z is not None
+    _ssd_output_kernel[(batch * H, nc)](
+        x, C, cb, A, dt, cdt, states, x if D is None else D, z if has_z else x, out, L, H, P, N, nc,
+        HAS_D=D is not None, HAS_Z=has_z, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N)
+    return out, cb, states
+
+
+class _SSDTriton(torch.autograd.Function):
+    """The kernels as one autograd op on (x, dt, A, B, C, D, z, initial state), dt as (batch, heads, chunks, Q);
+    autograd takes dt's gradient back through the padding, softplus and dt_bias. Only the inputs are saved:
+    the backward runs the forward kernels again."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, z, init, Q):
+        cdt = dt.double().cumsum(-1)
+        out, _, states = _ssd_forward(x, dt, cdt, A, B, C, D, z, init, Q)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, init)
+        ctx.Q = Q
+        ctx.set_materialize_grads(False)
+        return out, states[:, :, -1].contiguous()
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        x, dt, A, B, C, D, z, init = ctx.saved_tensors
+        Q = ctx.Q
+        batch, L, H, P = x.shape
+        N, nc = B.shape[-1], dt.shape[2]
+        BLOCK_P, BLOCK_N = _ssd_tiles(P, N)
+        cdt = dt.double().cumsum(-1)
+        y, cb, states = _ssd_forward(x, dt, cdt, A, B, C, D, z, init, Q, gate=False)  # y before the gate
+        dy = torch.zeros_like(x, dtype=torch.float32) if dout is None else dout.float()
+        dz = None
+        if z is not None:  # out = y * silu(z)
+            zf = z.float()
+            sz = torch.sigmoid(zf)
+            dz = (dy * y.float() * sz * (1 + zf * (1 - sz))).to(z.dtype)
+            dy = dy * zf * sz
+        dy = dy.contiguous()
+        n_tiles = triton.cdiv(N, BLOCK_N)
+        dstates = torch.empty_like(states)
+        carried = x.new_empty(batch, H, nc, n_tiles, dtype=torch.float32)
+        _ssd_state_grad_kernel[(batch * H, n_tiles)](
+            dy, C, A, cdt, states, dy if dlast is None else dlast.contiguous(), dstates, carried, L, H, P, N, nc,
+            HAS_DLAST=dlast is not None, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N)
+        dx = torch.empty_like(x)
+        ddt, dcdt = torch.empty_like(dt), torch.empty_like(dt)
+        dA = x.new_empty(batch, H, nc, dtype=torch.float32)
+        dD = x.new_empty(batch, H, nc, dtype=torch.float32) if D is not None else None
+        _ssd_chunk_grad_kernel[(batch * H, nc)](
+            x, dy, B, C, cb, A, dt, cdt, states, dstates, x if D is None else D, dx, ddt, dcdt, dA,
+            dA if dD is None else dD, L, H, P, N, nc, HAS_D=D is not None, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N)
+        dB, dC = torch.empty_like(B, dtype=torch.float32), torch.empty_like(C, dtype=torch.float32)
+        _ssd_bc_grad_kernel[(batch * nc, n_tiles)](
+            x, dy, B, C, A, dt, cdt, states, dstates, dB, dC, L, H, P, N, nc, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N)
+        # (8), exp(s_Q) in (3): the state carried over; then cdt = cumsum(dt) takes its gradient back to dt
+        carried = carried.sum(-1)  # (b, h, c)
+        dcdt[..., -1] += A.float()[:, None] * carried
+        dA = dA.sum((0, 2)) + (carried * cdt[..., -1]).sum((0, 2)).float()
+        ddt += dcdt.flip(-1).cumsum(-1).flip(-1)
+        dinit = None if init is None else dstates[:, :, 0].to(init.dtype)
+        return (dx, ddt, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+                None if D is None else dD.sum((0, 2)).to(D.dtype), dz, dinit, None)
+
+
+def ssd_scan_triton(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, chunk_size=64,
+                    return_last_state=False, initial_state=None):
+    """ssd_scan with the Triton kernels (CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
+    _check_ssd_args(x, dt, A, B, C, D, z, dt_bias, initial_state)
+    Q = chunk_size
+    if Q < 16 or Q & (Q - 1):
+        raise ValueError(f"chunk_size: the Triton kernels need a power of two >= 16, got {Q}")
+    with torch.autocast(x.device.type, enabled=False):
+        dt = dt.float() if dt_bias is None else dt.float() + dt_bias.float()
+        if dt_softplus:
+            dt = F.softplus(dt)
+        L = x.shape[1]
+        nc = triton.cdiv(L, Q)
+        dt = F.pad(dt, (0, 0, 0, nc * Q - L)).unflatten(1, (nc, Q)).permute(0, 3, 1, 2)  # (b, h, c, Q); 0 past L
+        x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
+        z = None if z is None else z.contiguous()
+        init = None if initial_state is None else initial_state.contiguous()
+        y, last = _SSDTriton.apply(x, dt.contiguous(), A.contiguous(), B, C, D, z, init, Q)
+    return (y, last) if return_last_state else y
 
 
 # -----------------------------------------------------------------------------

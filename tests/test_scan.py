@@ -215,19 +215,29 @@ SSD_GRID = [  # L, chunk_size, dtype, flags: whole chunks, a partial last chunk,
 ]
 
 
+def ssd_run(fn, inputs, flags, **kw):
+    """fn's output, last state and the gradients of every input (initial_state too, if given) under one random
+    projection of the two outputs."""
+    leaves = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    out, last = fn(**leaves, dt_softplus=flags[3], return_last_state=True, **kw)
+    g = torch.Generator().manual_seed(1)
+    ((out.float() * torch.randn(out.shape, generator=g)).sum() + (last * torch.randn(last.shape, generator=g)).sum()).backward()
+    return out, last, {k: v.grad for k, v in leaves.items() if v is not None}
+
+
+SSD_PATHS = {"torch": scan.ssd_scan_torch, "triton": scan.ssd_scan_triton}
+
+
+@pytest.mark.parametrize("path", SSD_PATHS)
 @pytest.mark.parametrize("L,chunk_size,dtype,flags", SSD_GRID)
-def test_ssd_matches_reference(L, chunk_size, dtype, flags):
-    """ssd_scan against the reference loop (A, dt, bias repeated over each head's channels): output, last state
-    and every gradient."""
+def test_ssd_matches_reference(path, L, chunk_size, dtype, flags):
+    """ssd_scan's two paths (the Triton kernels in the interpreter without a GPU; they need chunks of 16 or more)
+    against the reference loop (A, dt, bias repeated over each head's channels): output, last state and every
+    gradient."""
     inputs = ssd_inputs(2, L, 4, 8, 16, dtype, flags)
-    results = []
-    for fn in (functools.partial(scan.ssd_scan, chunk_size=chunk_size), ssd_by_ref):
-        leaves = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in inputs.items()}
-        out, last = fn(**leaves, dt_softplus=flags[3], return_last_state=True)
-        g = torch.Generator().manual_seed(1)
-        ((out.float() * torch.randn(out.shape, generator=g)).sum() + (last * torch.randn(last.shape, generator=g)).sum()).backward()
-        results.append((out, last, {k: v.grad for k, v in leaves.items() if v is not None}))
-    (out, last, grads), (out_r, last_r, grads_r) = results
+    chunk_size = max(chunk_size, 16) if path == "triton" else chunk_size
+    out, last, grads = ssd_run(functools.partial(SSD_PATHS[path], chunk_size=chunk_size), inputs, flags)
+    out_r, last_r, grads_r = ssd_run(ssd_by_ref, inputs, flags)
     rtol, atol = (6e-4, 2e-3) if dtype == torch.float32 else (3e-2, 5e-2)
     assert out.dtype == dtype and last.dtype == torch.float32 and last.is_contiguous()
     torch.testing.assert_close(out, out_r, rtol=rtol, atol=atol)
@@ -235,6 +245,46 @@ def test_ssd_matches_reference(L, chunk_size, dtype, flags):
     for k in grads:
         assert grads[k].dtype == inputs[k].dtype, k
         torch.testing.assert_close(grads[k], grads_r[k], rtol=2 * rtol, atol=2 * atol, msg=lambda m: f"d{k}: {m}")
+
+
+@pytest.mark.parametrize("path", SSD_PATHS)
+def test_ssd_initial_state_continues_a_scan(path):
+    """A scan cut in two, the second half starting from the first half's last state, is the whole scan: output,
+    last state, and every gradient (the initial state's included, which reaches the first half through it)."""
+    fn = functools.partial(SSD_PATHS[path], chunk_size=16)
+    flags = FLAGS[1]
+    inputs = ssd_inputs(2, 90, 4, 8, 16, torch.float32, flags)
+    out, last, grads = ssd_run(fn, inputs, flags)
+
+    def halves(x, dt, A, B, C, D, z, dt_bias, **kw):
+        first = {k: v[:, :37] for k, v in dict(x=x, dt=dt, B=B, C=C, z=z).items()}
+        second = {k: v[:, 37:] for k, v in dict(x=x, dt=dt, B=B, C=C, z=z).items()}
+        y1, h = fn(**first, A=A, D=D, dt_bias=dt_bias, **kw)
+        y2, last = fn(**second, A=A, D=D, dt_bias=dt_bias, initial_state=h, **kw)
+        return torch.cat([y1, y2], 1), last
+    out_h, last_h, grads_h = ssd_run(halves, inputs, flags)
+    torch.testing.assert_close(out_h, out, rtol=6e-4, atol=2e-3)
+    torch.testing.assert_close(last_h, last, rtol=6e-4, atol=2e-3)
+    for k in grads:
+        torch.testing.assert_close(grads_h[k], grads[k], rtol=1e-3, atol=4e-3, msg=lambda m: f"d{k}: {m}")
+
+
+@pytest.mark.parametrize("path", SSD_PATHS)
+def test_ssd_decays_near_zero_and_near_one(path):
+    """A long sequence whose steps mix large dt * |A| (the state all but forgotten within a step) with tiny dt
+    (kept for thousands of steps): output, last state and every gradient against the reference loop."""
+    flags = FLAGS[1]
+    inputs = ssd_inputs(1, 1500, 2, 16, 16, torch.float32, flags)
+    g = torch.Generator().manual_seed(2)
+    big = torch.rand(1, 1500, 2, generator=g) < 0.3
+    inputs["dt"] = torch.where(big, 8.0, -9.0) + torch.rand(1, 1500, 2, generator=g)  # softplus: ~8 or ~1e-4
+    inputs["dt_bias"] = torch.zeros(2)
+    out, last, grads = ssd_run(functools.partial(SSD_PATHS[path], chunk_size=64), inputs, flags)
+    out_r, last_r, grads_r = ssd_run(ssd_by_ref, inputs, flags)
+    torch.testing.assert_close(out, out_r, rtol=6e-4, atol=2e-3)
+    torch.testing.assert_close(last, last_r, rtol=6e-4, atol=2e-3)
+    for k in grads:
+        torch.testing.assert_close(grads[k], grads_r[k], rtol=2e-3, atol=5e-3, msg=lambda m: f"d{k}: {m}")
 
 
 def test_ssd_very_long_sequence():
