@@ -854,11 +854,10 @@ def _ssd_state_grad_kernel(dy_ptr, C_ptr, A_ptr, cdt_ptr, states_ptr, dlast_ptr,
 
 
 @triton.jit
-def _ssd_chunk_grad_kernel(x_ptr, dy_ptr, B_ptr, C_ptr, cb_ptr, A_ptr, dt_ptr, cdt_ptr, states_ptr, dstates_ptr,
-                           D_ptr, dx_ptr, ddt_ptr, dcdt_ptr, dA_ptr, dD_ptr, L, H, P, N, nc, HAS_D: tl.constexpr,
-                           Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(5), (7), and (8) but for the carried state's term: dx, ddt through dt itself, the gradient of cdt, and this
-    chunk's shares of dA and dD, for one chunk of one (batch row, head). Grid (batch * heads, chunks)."""
+def _ssd_intra_grad_kernel(x_ptr, dy_ptr, cb_ptr, A_ptr, dt_ptr, cdt_ptr, D_ptr, dx_ptr, ddt_ptr, ds_ptr, dA_ptr,
+                           dD_ptr, dcb_ptr, L, H, P, nc, HAS_D: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The terms of (1): dx and ddt of (5) and (7) within the chunk, ds of (8) for exp(s_t - s_j), their share of
+    dA, this head's dCB of (6), and dD, for one chunk of one (batch row, head). Grid (batch * heads, chunks)."""
     bh, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
     b, h = bh // H, bh % H
     p, q = tl.arange(0, BLOCK_P), tl.arange(0, Q)
@@ -868,82 +867,105 @@ def _ssd_chunk_grad_kernel(x_ptr, dy_ptr, B_ptr, C_ptr, cb_ptr, A_ptr, dt_ptr, c
     x = tl.load(x_ptr + x_offs, mask=tp_ok, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + x_offs, mask=tp_ok, other=0.0).to(tl.float32)
     chunk = (bh * nc + c) * Q
-    dt, cdt, a, es, to_end, decay = _ssd_decays(A_ptr, dt_ptr, cdt_ptr, h, chunk, Q)
-    cdt_end = tl.load(cdt_ptr + chunk + Q - 1)
-    K = tl.load(cb_ptr + ((b * nc + c) * Q + q[:, None]) * Q + q[None, :]) * decay  # (Q, Q)
-    dM = tl.dot(dy, tl.trans(x))  # (Q, Q): dy_t . x_j
-    dx = tl.dot(tl.trans(K * dt[None, :]), dy)  # (5), within the chunk
-    ddt = tl.sum(dM * K, 0)  # (7), within the chunk
-    # (8), exp(s_t - s_j) in (1): +R[t, j] to s_t, -R[t, j] to s_j; the diagonal (always exp(0)) left out
-    R = tl.where(q[:, None] > q[None, :], dM * K * dt[None, :], 0.0)
-    ds = tl.sum(R, 1) - tl.sum(R, 0)
-    dA = tl.sum(R * (cdt[:, None] - cdt[None, :]).to(tl.float32))  # s_t - s_j = A (cdt_t - cdt_j)
-    y_in = tl.zeros((Q, BLOCK_P), tl.float32)  # C_t . H_c
-    gB = tl.zeros((Q, BLOCK_P), tl.float32)  # G_{c+1} B_j
-    for n0 in range(0, N, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        tn_ok = (t < L)[:, None] & (n < N)[None, :]
-        Cv = tl.load(C_ptr + (b * L + t[:, None]) * N + n[None, :], mask=tn_ok, other=0.0).to(tl.float32)
-        Bv = tl.load(B_ptr + (b * L + t[:, None]) * N + n[None, :], mask=tn_ok, other=0.0).to(tl.float32)
-        pn, pn_ok = p[:, None] * N + n[None, :], (p < P)[:, None] & (n < N)[None, :]
-        Hc = tl.load(states_ptr + (bh * (nc + 1) + c) * P * N + pn, mask=pn_ok, other=0.0)
-        G = tl.load(dstates_ptr + (bh * (nc + 1) + c + 1) * P * N + pn, mask=pn_ok, other=0.0)
-        y_in += tl.dot(Cv, tl.trans(Hc))
-        gB += tl.dot(Bv, tl.trans(G))
-    e = es * tl.sum(dy * y_in, 1)  # (8), exp(s_t) in (2)
-    ds += e
-    dA += tl.sum(e * cdt.to(tl.float32))
-    dx += (to_end * dt)[:, None] * gB  # (5), through the state passed on
-    xgB = tl.sum(x * gB, 1)
-    ddt += to_end * xgB  # (7), through the state passed on
-    r = to_end * dt * xgB  # (8), exp(s_Q - s_j) in (3): -r_j to s_j, +r_j to s_Q
-    ds += tl.where(q == Q - 1, tl.sum(r), 0.0) - r
-    dA += tl.sum(r * (cdt_end - cdt).to(tl.float32))
+    dt, cdt, _, _, _, decay = _ssd_decays(A_ptr, dt_ptr, cdt_ptr, h, chunk, Q)
+    qq = q[:, None] * Q + q[None, :]  # (Q, Q) within one chunk's matrix
+    cb = tl.load(cb_ptr + (b * nc + c) * Q * Q + qq)
+    dx = tl.dot(tl.trans(cb * decay * dt[None, :]), dy)  # (5)
     if HAS_D:
         dx += tl.load(D_ptr + h).to(tl.float32) * dy
         tl.store(dD_ptr + bh * nc + c, tl.sum(dy * x))
     tl.store(dx_ptr + x_offs, dx.to(dx_ptr.dtype.element_ty), mask=tp_ok)
-    tl.store(ddt_ptr + chunk + q, ddt)
-    tl.store(dcdt_ptr + chunk + q, a * ds)
-    tl.store(dA_ptr + bh * nc + c, dA)
+    dM = tl.dot(dy, tl.trans(x)) * decay  # (Q, Q): (dy_t . x_j) exp(s_t - s_j)
+    tl.store(dcb_ptr + chunk * Q + qq, dM * dt[None, :])  # (6): this head's dCB
+    R = cb * dM  # (Q, Q): (dy_t . x_j) CB[t, j] exp(s_t - s_j)
+    tl.store(ddt_ptr + chunk + q, tl.sum(R, 0))  # (7)
+    # (8): exp(s_t - s_j) gives +R dt_j to s_t and -R dt_j to s_j; the diagonal (always exp(0)) is left out
+    R = tl.where(q[:, None] > q[None, :], R * dt[None, :], 0.0)
+    tl.store(ds_ptr + chunk + q, tl.sum(R, 1) - tl.sum(R, 0))
+    tl.store(dA_ptr + bh * nc + c, tl.sum(R * (cdt[:, None] - cdt[None, :]).to(tl.float32)))  # s = A cdt
 
 
 @triton.jit
-def _ssd_bc_grad_kernel(x_ptr, dy_ptr, B_ptr, C_ptr, A_ptr, dt_ptr, cdt_ptr, states_ptr, dstates_ptr, dB_ptr, dC_ptr,
-                        L, H, P, N, nc, Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(6): dB and dC of one chunk of one batch row and N tile. B and C are shared by all heads, so the program
-    loops over the heads and sums their terms on chip (no atomics). Grid (batch * chunks, N tiles)."""
+def _ssd_inter_grad_kernel(x_ptr, dy_ptr, B_ptr, C_ptr, A_ptr, dt_ptr, cdt_ptr, states_ptr, dstates_ptr,
+                           dx_ptr, ddt_ptr, ds_ptr, dA_ptr, L, H, P, N, nc,
+                           Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The terms of (2) and (3), added to what _ssd_intra_grad_kernel wrote: dx of (5) and ddt of (7) through the
+    state passed on, and ds of (8) and dA for exp(s_t) and exp(s_Q - s_j). Grid (batch * heads, chunks)."""
+    bh, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    b, h = bh // H, bh % H
+    p, q = tl.arange(0, BLOCK_P), tl.arange(0, Q)
+    t = c * Q + q
+    tp_ok = (t < L)[:, None] & (p < P)[None, :]
+    y_in = tl.zeros((Q, BLOCK_P), tl.float32)  # H_c C_t
+    gB = tl.zeros((Q, BLOCK_P), tl.float32)  # G_{c+1} B_j
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        tn, tn_ok = (b * L + t[:, None]) * N + n[None, :], (t < L)[:, None] & (n < N)[None, :]
+        pn, pn_ok = p[:, None] * N + n[None, :], (p < P)[:, None] & (n < N)[None, :]
+        Hc = tl.load(states_ptr + (bh * (nc + 1) + c) * P * N + pn, mask=pn_ok, other=0.0)  # (BP, BN)
+        y_in += tl.dot(tl.load(C_ptr + tn, mask=tn_ok, other=0.0).to(tl.float32), tl.trans(Hc))
+        G = tl.load(dstates_ptr + (bh * (nc + 1) + c + 1) * P * N + pn, mask=pn_ok, other=0.0)
+        gB += tl.dot(tl.load(B_ptr + tn, mask=tn_ok, other=0.0).to(tl.float32), tl.trans(G))
+    x_offs = ((b * L + t[:, None]) * H + h) * P + p[None, :]  # (Q, BP)
+    x = tl.load(x_ptr + x_offs, mask=tp_ok, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + x_offs, mask=tp_ok, other=0.0).to(tl.float32)
+    chunk = (bh * nc + c) * Q
+    dt, cdt, _, es, to_end, _ = _ssd_decays(A_ptr, dt_ptr, cdt_ptr, h, chunk, Q)
+    cdt_end = tl.load(cdt_ptr + chunk + Q - 1)
+    dx = tl.load(dx_ptr + x_offs, mask=tp_ok, other=0.0).to(tl.float32) + (to_end * dt)[:, None] * gB  # (5)
+    tl.store(dx_ptr + x_offs, dx.to(dx_ptr.dtype.element_ty), mask=tp_ok)
+    xgB = tl.sum(x * gB, 1)
+    tl.store(ddt_ptr + chunk + q, tl.load(ddt_ptr + chunk + q) + to_end * xgB)  # (7)
+    e = es * tl.sum(dy * y_in, 1)  # (8), exp(s_t) in (2): +e_t to s_t
+    r = to_end * dt * xgB  # (8), exp(s_Q - s_j) in (3): -r_j to s_j, +r_j to s_Q
+    ds = tl.load(ds_ptr + chunk + q) + e - r + tl.where(q == Q - 1, tl.sum(r), 0.0)
+    tl.store(ds_ptr + chunk + q, ds)
+    dA = tl.sum(e * cdt.to(tl.float32)) + tl.sum(r * (cdt_end - cdt).to(tl.float32))
+    tl.store(dA_ptr + bh * nc + c, tl.load(dA_ptr + bh * nc + c) + dA)
+
+
+@triton.jit
+def _ssd_bc_grad_kernel(u_ptr, states_ptr, dcb_ptr, other_ptr, A_ptr, dt_ptr, cdt_ptr, out_ptr, L, H, P, N, nc,
+                        FOR_B: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(6) for one chunk of one batch row and N tile, summed over the heads on chip (B and C are shared by all
+    heads; no atomics). The two are the same computation on different inputs, one launch each:
+        dC_t = sum_j dCB[t, j] B_j + sum_heads exp(s_t) H_c^T dy_t         u = dy, states = H, other = B
+        dB_j = sum_t dCB[t, j] C_t + sum_heads w_j G_{c+1}^T x_j          u = x, states = G, other = C
+    dcb: dCB summed over the heads, (batch, chunks, Q, Q). Grid (batch * chunks, N tiles)."""
     b, c = tl.program_id(0).to(tl.int64) // nc, tl.program_id(0) % nc
     p, n, q = tl.arange(0, BLOCK_P), tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N), tl.arange(0, Q)
     t = c * Q + q
     tp_ok, tn_ok = (t < L)[:, None] & (p < P)[None, :], (t < L)[:, None] & (n < N)[None, :]
     pn, pn_ok = p[:, None] * N + n[None, :], (p < P)[:, None] & (n < N)[None, :]
-    dCB = tl.zeros((Q, Q), tl.float32)
-    dC = tl.zeros((Q, BLOCK_N), tl.float32)
-    dB = tl.zeros((Q, BLOCK_N), tl.float32)
+    acc = tl.zeros((Q, BLOCK_N), tl.float32)
     for h in range(H):
         bh = b * H + h
-        x_offs = ((b * L + t[:, None]) * H + h) * P + p[None, :]
-        x = tl.load(x_ptr + x_offs, mask=tp_ok, other=0.0).to(tl.float32)  # (Q, BP)
-        dy = tl.load(dy_ptr + x_offs, mask=tp_ok, other=0.0).to(tl.float32)
-        dt, _, _, es, to_end, decay = _ssd_decays(A_ptr, dt_ptr, cdt_ptr, h, (bh * nc + c) * Q, Q)
-        dCB += tl.dot(dy, tl.trans(x)) * decay * dt[None, :]
-        Hc = tl.load(states_ptr + (bh * (nc + 1) + c) * P * N + pn, mask=pn_ok, other=0.0)  # (BP, BN)
-        G = tl.load(dstates_ptr + (bh * (nc + 1) + c + 1) * P * N + pn, mask=pn_ok, other=0.0)
-        dC += tl.dot(dy * es[:, None], Hc)
-        dB += tl.dot(x * (to_end * dt)[:, None], G)
+        a = tl.load(A_ptr + h).to(tl.float32)
+        cdt = tl.load(cdt_ptr + (bh * nc + c) * Q + q)
+        if FOR_B:  # w_j = exp(s_Q - s_j) dt_j, with the state leaving the chunk
+            scale = tl.exp(a * (tl.load(cdt_ptr + (bh * nc + c) * Q + Q - 1) - cdt).to(tl.float32))
+            scale *= tl.load(dt_ptr + (bh * nc + c) * Q + q)
+            state = tl.load(states_ptr + (bh * (nc + 1) + c + 1) * P * N + pn, mask=pn_ok, other=0.0)  # (BP, BN)
+        else:  # exp(s_t), with the state entering the chunk
+            scale = tl.exp(a * cdt.to(tl.float32))
+            state = tl.load(states_ptr + (bh * (nc + 1) + c) * P * N + pn, mask=pn_ok, other=0.0)
+        u = tl.load(u_ptr + ((b * L + t[:, None]) * H + h) * P + p[None, :], mask=tp_ok, other=0.0).to(tl.float32)
+        acc += tl.dot(u * scale[:, None], state)
+    dcb = tl.load(dcb_ptr + ((b * nc + c) * Q + q[:, None]) * Q + q[None, :])  # (Q, Q)
     offs = (b * L + t[:, None]) * N + n[None, :]
-    Cv = tl.load(C_ptr + offs, mask=tn_ok, other=0.0).to(tl.float32)
-    Bv = tl.load(B_ptr + offs, mask=tn_ok, other=0.0).to(tl.float32)
-    dC += tl.dot(dCB, Bv)
-    dB += tl.dot(tl.trans(dCB), Cv)
-    tl.store(dC_ptr + offs, dC, mask=tn_ok)
-    tl.store(dB_ptr + offs, dB, mask=tn_ok)
+    other = tl.load(other_ptr + offs, mask=tn_ok, other=0.0).to(tl.float32)
+    acc += tl.dot(tl.trans(dcb), other) if FOR_B else tl.dot(dcb, other)
+    tl.store(out_ptr + offs, acc, mask=tn_ok)
 
 
 def _ssd_tiles(P, N):
-    """BLOCK_P (headdim, padded to a power of two >= 16) and BLOCK_N (an N tile of at most 64)."""
-    return max(16, triton.next_power_of_2(P)), min(64, max(16, triton.next_power_of_2(N)))
+    """BLOCK_P (headdim, padded to a power of two >= 16) and BLOCK_N (an N tile of at most 32)."""
+    return max(16, triton.next_power_of_2(P)), min(32, max(16, triton.next_power_of_2(N)))
+
+
+# every SSD kernel runs with 8 warps and 2 pipeline stages: at the paper's shape (headdim 64, d_state 512,
+# chunks of 64), ptxas reports no register spills for any of them, in float32 or bfloat16 (tests/test_scan.py)
+SSD_LAUNCH = dict(num_warps=8, num_stages=2)
 
 
 def _ssd_forward(x, dt, cdt, A, B, C, D, z, init, Q, gate=True):
@@ -952,16 +974,16 @@ def _ssd_forward(x, dt, cdt, A, B, C, D, z, init, Q, gate=True):
     N, nc = B.shape[-1], dt.shape[2]
     BLOCK_P, BLOCK_N = _ssd_tiles(P, N)
     cb = x.new_empty(batch, nc, Q, Q, dtype=torch.float32)
-    _ssd_cb_kernel[(batch * nc,)](C, B, cb, L, N, nc, Q=Q, BLOCK_N=BLOCK_N)
+    _ssd_cb_kernel[(batch * nc,)](C, B, cb, L, N, nc, Q=Q, BLOCK_N=BLOCK_N, **SSD_LAUNCH)
     states = x.new_empty(batch, H, nc + 1, P, N, dtype=torch.float32)
     _ssd_states_kernel[(batch * H, triton.cdiv(N, BLOCK_N))](
         x, B, A, dt, cdt, x if init is None else init, states, L, H, P, N, nc,
-        HAS_INIT=init is not None, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N)
+        HAS_INIT=init is not None, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **SSD_LAUNCH)
     out = torch.empty_like(x)
     has_z = gate and z is not None
     _ssd_output_kernel[(batch * H, nc)](
         x, C, cb, A, dt, cdt, states, x if D is None else D, z if has_z else x, out, L, H, P, N, nc,
-        HAS_D=D is not None, HAS_Z=has_z, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N)
+        HAS_D=D is not None, HAS_Z=has_z, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **SSD_LAUNCH)
     return out, cb, states
 
 
@@ -1001,22 +1023,28 @@ class _SSDTriton(torch.autograd.Function):
         carried = x.new_empty(batch, H, nc, n_tiles, dtype=torch.float32)
         _ssd_state_grad_kernel[(batch * H, n_tiles)](
             dy, C, A, cdt, states, dy if dlast is None else dlast.contiguous(), dstates, carried, L, H, P, N, nc,
-            HAS_DLAST=dlast is not None, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N)
+            HAS_DLAST=dlast is not None, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **SSD_LAUNCH)
         dx = torch.empty_like(x)
-        ddt, dcdt = torch.empty_like(dt), torch.empty_like(dt)
+        ddt, ds = torch.empty_like(dt), torch.empty_like(dt)
         dA = x.new_empty(batch, H, nc, dtype=torch.float32)
         dD = x.new_empty(batch, H, nc, dtype=torch.float32) if D is not None else None
-        _ssd_chunk_grad_kernel[(batch * H, nc)](
-            x, dy, B, C, cb, A, dt, cdt, states, dstates, x if D is None else D, dx, ddt, dcdt, dA,
-            dA if dD is None else dD, L, H, P, N, nc, HAS_D=D is not None, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N)
+        dcb = x.new_empty(batch, H, nc, Q, Q, dtype=torch.float32)
+        _ssd_intra_grad_kernel[(batch * H, nc)](
+            x, dy, cb, A, dt, cdt, x if D is None else D, dx, ddt, ds, dA, dA if dD is None else dD, dcb, L, H, P, nc,
+            HAS_D=D is not None, Q=Q, BLOCK_P=BLOCK_P, **SSD_LAUNCH)
+        _ssd_inter_grad_kernel[(batch * H, nc)](
+            x, dy, B, C, A, dt, cdt, states, dstates, dx, ddt, ds, dA, L, H, P, N, nc,
+            Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **SSD_LAUNCH)
+        dcb = dcb.sum(1)  # (b, c, Q, Q): over the heads
         dB, dC = torch.empty_like(B, dtype=torch.float32), torch.empty_like(C, dtype=torch.float32)
-        _ssd_bc_grad_kernel[(batch * nc, n_tiles)](
-            x, dy, B, C, A, dt, cdt, states, dstates, dB, dC, L, H, P, N, nc, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N)
-        # (8), exp(s_Q) in (3): the state carried over; then cdt = cumsum(dt) takes its gradient back to dt
+        for u, st, other, out, for_b in ((x, dstates, C, dB, True), (dy, states, B, dC, False)):
+            _ssd_bc_grad_kernel[(batch * nc, n_tiles)](u, st, dcb, other, A, dt, cdt, out, L, H, P, N, nc,
+                                                       FOR_B=for_b, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **SSD_LAUNCH)
+        # (8), exp(s_Q) in (3): the state carried over; then s = A cdt and cdt = cumsum(dt) take ds back to dt
         carried = carried.sum(-1)  # (b, h, c)
-        dcdt[..., -1] += A.float()[:, None] * carried
+        ds[..., -1] += carried
         dA = dA.sum((0, 2)) + (carried * cdt[..., -1]).sum((0, 2)).float()
-        ddt += dcdt.flip(-1).cumsum(-1).flip(-1)
+        ddt += (A.float()[:, None, None] * ds).flip(-1).cumsum(-1).flip(-1)
         dinit = None if init is None else dstates[:, :, 0].to(init.dtype)
         return (dx, ddt, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
                 None if D is None else dD.sum((0, 2)).to(D.dtype), dz, dinit, None)
