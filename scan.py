@@ -522,6 +522,10 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
         tl.atomic_add(dbias_ptr + d, dbias)
 
 
+# 8 warps: with 4, ptxas spills the backward's registers at Mamba-1's shape (tests/test_scan.py checks)
+SCAN_LAUNCH = dict(num_warps=8)
+
+
 def _triton_tiles(dim, G, N, L):
     """BLOCK_D (a power of two dividing dim / G), BLOCK_N, BLOCK_L: a tile of about 4096 elements."""
     BLOCK_N = triton.next_power_of_2(N)
@@ -550,7 +554,7 @@ class _TritonScan(torch.autograd.Function):
             u, delta, A, B, C, u if D is None else D, u if z is None else z, u if delta_bias is None else delta_bias,
             out, last, starts, dim, L, N, G, n_chunks,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=delta_softplus, SAVE_STARTS=save, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L)
+            SOFTPLUS=delta_softplus, SAVE_STARTS=save, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L, **SCAN_LAUNCH)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, starts)
         ctx.delta_softplus, ctx.tiles, ctx.bc_shape = delta_softplus, (BLOCK_D, BLOCK_N, BLOCK_L), bc_shape
         ctx.set_materialize_grads(False)
@@ -577,7 +581,7 @@ class _TritonScan(torch.autograd.Function):
             dim, L, N, G, starts.shape[2],
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=ctx.delta_softplus, HAS_DLAST=dlast is not None,
-            BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L)
+            BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L, **SCAN_LAUNCH)
         dB, dC = dB.view(ctx.bc_shape).to(B.dtype), dC.view(ctx.bc_shape).to(C.dtype)
         return (du, ddelta, dA.to(A.dtype), dB, dC,
                 None if D is None else dD.to(D.dtype), dz, None if dbias is None else dbias.to(delta_bias.dtype), None)

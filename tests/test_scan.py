@@ -5,6 +5,7 @@ which is slow: their cases are small. The CPU path is checked on a wider grid.
 """
 import functools
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -393,32 +394,64 @@ def test_bad_step_input_names_the_argument():
 
 
 HOPPER_COMPILE = """
-import inspect, math, scan, torch, triton
+import contextlib, inspect, io, json, os, re, sys
+os.environ.update(TRITON_DUMP_PTXAS_LOG="1", TRITON_ALWAYS_COMPILE="1")  # ptxas -v's report, never from the cache
+import scan, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+def build(kernel, consts, types, launch):
+    # pointer types: the input dtype where types says "in", float64 for cdt, float32 for the rest
+    sig = {p: "constexpr" if p in consts else {"in": types["in"], "f64": "*fp64"}.get(types.get(p), "*fp32")
+           if p.endswith("_ptr") else "i32" for p in inspect.signature(kernel.fn).parameters}
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        done = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                              options=launch)
+    spills = sum(int(n) for n in re.findall(r"(\\d+) bytes spill (?:stores|loads)", log.getvalue()))
+    regs = int(re.search(r"Used (\\d+) registers", log.getvalue()).group(1))
+    print(json.dumps(dict(kernel=kernel.fn.__name__, dtype=types["in"], regs=regs, spill_bytes=spills,
+                          shared=done.metadata.shared)))
 FLAGS = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
-def build(kernel, ptr, consts):
-    sig = {p: "constexpr" if p in consts else ptr if p.endswith("_ptr") else "i32"
-           for p in inspect.signature(kernel.fn).parameters}
-    done = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
-    assert len(done.asm["cubin"]) > 1000
-    print(kernel.fn.__name__, ptr, consts["BLOCK_D"], consts["BLOCK_N"], consts.get("BLOCK_L"))
-for dim, N in ((2048, 16), (512, 128), (2048, 512)):  # bench.py's CUDA shapes and the paper's d_inner, d_state
-    tiles = dict(zip(("BLOCK_D", "BLOCK_N", "BLOCK_L"), scan._triton_tiles(dim, 1, N, 2048)))
-    for ptr in ("*fp32", "*bf16"):
-        build(scan._scan_fwd_kernel, ptr, dict(FLAGS, SAVE_STARTS=True, **tiles))
-        build(scan._scan_bwd_kernel, ptr, dict(FLAGS, HAS_DLAST=True, **tiles))
-    block_n = triton.next_power_of_2(N)
-    build(scan._state_update_kernel, "*fp32", dict(FLAGS, BLOCK_D=math.gcd(dim, max(1, 2048 // block_n), 32), BLOCK_N=block_n))
+for ptr in ("*fp32", "*bf16"):
+    # the per-channel scan at Mamba-1's shape (d_inner 2048, d_state 16), as selective_scan_triton tiles it
+    tiles = dict(zip(("BLOCK_D", "BLOCK_N", "BLOCK_L"), scan._triton_tiles(2048, 1, 16, 2048)))
+    scan_in = dict.fromkeys(("u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "dout_ptr", "du_ptr",
+                             "ddelta_ptr", "dz_ptr"), "in")
+    build(scan._scan_fwd_kernel, dict(FLAGS, SAVE_STARTS=True, **tiles), dict(scan_in, **{"in": ptr}), scan.SCAN_LAUNCH)
+    build(scan._scan_bwd_kernel, dict(FLAGS, HAS_DLAST=True, **tiles), dict(scan_in, **{"in": ptr}), scan.SCAN_LAUNCH)
+    # the SSD kernels at the paper's Mamba-2 shape: headdim 64, d_state 512, chunks of 64
+    P, N, Q = 64, 512, 64
+    BLOCK_P, BLOCK_N = scan._ssd_tiles(P, N)
+    tiles = dict(Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N)
+    ssd_in = dict(dict.fromkeys(("x_ptr", "z_ptr", "B_ptr", "C_ptr", "out_ptr", "dx_ptr", "other_ptr"), "in"),
+                  cdt_ptr="f64", **{"in": ptr})
+    for kernel, consts in ((scan._ssd_cb_kernel, dict(Q=Q, BLOCK_N=BLOCK_N)),
+                           (scan._ssd_states_kernel, dict(tiles, HAS_INIT=True)),
+                           (scan._ssd_output_kernel, dict(tiles, HAS_D=True, HAS_Z=True)),
+                           (scan._ssd_state_grad_kernel, dict(tiles, HAS_DLAST=True)),
+                           (scan._ssd_intra_grad_kernel, dict(HAS_D=True, Q=Q, BLOCK_P=BLOCK_P)),
+                           (scan._ssd_inter_grad_kernel, tiles)):
+        build(kernel, consts, ssd_in, scan.SSD_LAUNCH)
+    build(scan._ssd_bc_grad_kernel, dict(tiles, FOR_B=True), dict(ssd_in, u_ptr="in"), scan.SSD_LAUNCH)  # u = x
+    build(scan._ssd_bc_grad_kernel, dict(tiles, FOR_B=False), ssd_in, scan.SSD_LAUNCH)  # u = dy, float32
+# one generation step at the paper's d_inner and d_state
+build(scan._state_update_kernel, dict(FLAGS, BLOCK_D=4, BLOCK_N=512), {"in": "*fp32"}, {})
 """
+H100_SHARED_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
 
 
-def test_triton_kernels_compile_for_hopper():
-    """The interpreter runs the kernels' Python; this compiles them the way a GPU will, through Triton's
-    CUDA backend and the ptxas in its wheel, to sm_90 (H100) machine code, at the tiles bench.py's CUDA
-    shapes and the paper's models use, with float32 and bfloat16 inputs. No GPU is needed."""
+def test_triton_kernels_compile_for_hopper_without_spills():
+    """The interpreter runs the kernels' Python; this compiles them the way a GPU will, through Triton's CUDA
+    backend and the ptxas in its wheel, to sm_90 (H100/H200) machine code, at the shapes the models use and with
+    the launch settings scan.py uses, in float32 and bfloat16, and reads ptxas's report: no kernel may spill
+    registers to local memory or ask for more shared memory than an H100 has. No GPU is needed."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=600)
+                       timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert len(r.stdout.splitlines()) == 15
+    report = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(report) == 2 * (2 + 8) + 1
+    print("\n".join(f"{k['kernel']:24} {k['dtype']:6} {k['regs']:4} registers, {k['spill_bytes']} bytes spilled, "
+                    f"{k['shared']:7} bytes of shared memory" for k in report))  # shown with pytest -s
+    for k in report:
+        assert k["spill_bytes"] == 0 and k["shared"] <= H100_SHARED_BYTES and k["regs"] <= 255, k
