@@ -733,10 +733,12 @@ def _ssd_chunks(x, dt, A, B, C, D, z, dt_bias, dt_softplus, Q, initial_state):
 # a difference of cdt (s_t - s_j = A (cdt_t - cdt_j)). cdt is float64: in float32, when large and tiny steps
 # mix, the difference of two cumulative sums loses the tiny steps' digits, and with them 1% of dA. x, z, dy
 # are (batch, L, heads, P), B, C (batch, L, N), states (batch, heads, chunk + 1, P, N), all contiguous.
-# Products accumulate in float32 (on a GPU, float32 operands multiply as TF32).
+# Products accumulate in float32; on a GPU their operands are rounded to TF32 (DOT = "tf32") where the inputs
+# are bfloat16 or float16 anyway, and split into three TF32 products (DOT = "tf32x3", float32's accuracy on
+# tensor cores) where they are float32.
 
 @triton.jit
-def _ssd_cb_kernel(C_ptr, B_ptr, cb_ptr, L, N, nc, Q: tl.constexpr, BLOCK_N: tl.constexpr):
+def _ssd_cb_kernel(C_ptr, B_ptr, cb_ptr, L, N, nc, Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr):
     """CB = C B^T of one chunk of one batch row: (Q, Q). Grid (batch * chunks,)."""
     b, c = tl.program_id(0).to(tl.int64) // nc, tl.program_id(0) % nc
     t = c * Q + tl.arange(0, Q)  # (Q,) steps of the chunk
@@ -747,7 +749,7 @@ def _ssd_cb_kernel(C_ptr, B_ptr, cb_ptr, L, N, nc, Q: tl.constexpr, BLOCK_N: tl.
         offs, m = (b * L + t[:, None]) * N + n[None, :], t_ok[:, None] & (n < N)[None, :]  # (Q, BN)
         Cv = tl.load(C_ptr + offs, mask=m, other=0.0).to(tl.float32)
         Bv = tl.load(B_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        acc += tl.dot(Cv, tl.trans(Bv))
+        acc += tl.dot(Cv, tl.trans(Bv), input_precision=DOT)
     i = tl.arange(0, Q)
     tl.store(cb_ptr + ((b * nc + c) * Q + i[:, None]) * Q + i[None, :], acc)
 
@@ -766,7 +768,8 @@ def _ssd_decays(A_ptr, dt_ptr, cdt_ptr, h, chunk, Q: tl.constexpr):
 
 @triton.jit
 def _ssd_states_kernel(x_ptr, B_ptr, A_ptr, dt_ptr, cdt_ptr, init_ptr, states_ptr, L, H, P, N, nc,
-                       HAS_INIT: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                       HAS_INIT: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                        DOT: tl.constexpr):
     """(3): the states entering every chunk and the last one, for one (batch row, head) and N tile, walking the
     chunks in order with the (P, N tile) state on chip. Grid (batch * heads, N tiles)."""
     bh = tl.program_id(0).to(tl.int64)
@@ -789,14 +792,15 @@ def _ssd_states_kernel(x_ptr, B_ptr, A_ptr, dt_ptr, cdt_ptr, init_ptr, states_pt
         dt, cdt = tl.load(dt_ptr + (bh * nc + c) * Q + q), tl.load(cdt_ptr + (bh * nc + c) * Q + q)
         cdt_end = tl.load(cdt_ptr + (bh * nc + c) * Q + Q - 1)
         w = tl.exp(a * (cdt_end - cdt).to(tl.float32)) * dt  # (Q,)
-        state = state * tl.exp(a * cdt_end.to(tl.float32)) + tl.dot(tl.trans(x * w[:, None]), Bv)  # (BP, BN)
+        state = state * tl.exp(a * cdt_end.to(tl.float32)) + tl.dot(tl.trans(x * w[:, None]), Bv, input_precision=DOT)  # (BP, BN)
     tl.store(states_ptr + (bh * (nc + 1) + nc) * P * N + pn, state, mask=pn_ok)
 
 
 @triton.jit
 def _ssd_output_kernel(x_ptr, C_ptr, cb_ptr, A_ptr, dt_ptr, cdt_ptr, states_ptr, D_ptr, z_ptr, out_ptr,
                        L, H, P, N, nc, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-                       Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                       Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                        DOT: tl.constexpr):
     """(1) + (2), then D and the gate: the output of one chunk of one (batch row, head). Grid (batch * heads, chunks)."""
     bh, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -812,11 +816,11 @@ def _ssd_output_kernel(x_ptr, C_ptr, cb_ptr, A_ptr, dt_ptr, cdt_ptr, states_ptr,
                      other=0.0).to(tl.float32)  # (Q, BN)
         Hc = tl.load(states_ptr + (bh * (nc + 1) + c) * P * N + p[:, None] * N + n[None, :],
                      mask=(p < P)[:, None] & (n < N)[None, :], other=0.0)  # (BP, BN)
-        y += tl.dot(Cv, tl.trans(Hc))
+        y += tl.dot(Cv, tl.trans(Hc), input_precision=DOT)
     y *= es[:, None]
     cb = tl.load(cb_ptr + ((b * nc + c) * Q + q[:, None]) * Q + q[None, :])  # (Q, Q)
     x = tl.load(x_ptr + x_offs, mask=tp_ok, other=0.0).to(tl.float32)
-    y += tl.dot(cb * decay * dt[None, :], x)  # (1)
+    y += tl.dot(cb * decay * dt[None, :], x, input_precision=DOT)  # (1)
     if HAS_D:
         y += tl.load(D_ptr + h).to(tl.float32) * x
     if HAS_Z:
@@ -828,7 +832,8 @@ def _ssd_output_kernel(x_ptr, C_ptr, cb_ptr, A_ptr, dt_ptr, cdt_ptr, states_ptr,
 @triton.jit
 def _ssd_state_grad_kernel(dy_ptr, C_ptr, A_ptr, cdt_ptr, states_ptr, dlast_ptr, dstates_ptr, carried_ptr,
                            L, H, P, N, nc, HAS_DLAST: tl.constexpr,
-                           Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                           Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                        DOT: tl.constexpr):
     """(4): G_c for every chunk, walking them in reverse with the (P, N tile) gradient on chip; and, for (8), the
     gradient of exp(s_Q) in (3), exp(s_Q) sum(H_c * G_{c+1}), per N tile. Grid (batch * heads, N tiles)."""
     bh = tl.program_id(0).to(tl.int64)
@@ -853,13 +858,14 @@ def _ssd_state_grad_kernel(dy_ptr, C_ptr, A_ptr, cdt_ptr, states_ptr, dlast_ptr,
                      mask=(t < L)[:, None] & (p < P)[None, :], other=0.0).to(tl.float32)  # (Q, BP)
         Cv = tl.load(C_ptr + (b * L + t[:, None]) * N + n[None, :], mask=(t < L)[:, None] & (n < N)[None, :],
                      other=0.0).to(tl.float32)  # (Q, BN)
-        g = g * es_end + tl.dot(tl.trans(dy * es[:, None]), Cv)
+        g = g * es_end + tl.dot(tl.trans(dy * es[:, None]), Cv, input_precision=DOT)
     tl.store(dstates_ptr + bh * (nc + 1) * P * N + pn, g, mask=pn_ok)  # G_0: the initial state's gradient
 
 
 @triton.jit
 def _ssd_intra_grad_kernel(x_ptr, dy_ptr, cb_ptr, A_ptr, dt_ptr, cdt_ptr, D_ptr, dx_ptr, ddt_ptr, ds_ptr, dA_ptr,
-                           dD_ptr, dcb_ptr, L, H, P, nc, HAS_D: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr):
+                           dD_ptr, dcb_ptr, L, H, P, nc, HAS_D: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr,
+                           DOT: tl.constexpr):
     """The terms of (1): dx and ddt of (5) and (7) within the chunk, ds of (8) for exp(s_t - s_j), their share of
     dA, this head's dCB of (6), and dD, for one chunk of one (batch row, head). Grid (batch * heads, chunks)."""
     bh, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
@@ -874,12 +880,12 @@ def _ssd_intra_grad_kernel(x_ptr, dy_ptr, cb_ptr, A_ptr, dt_ptr, cdt_ptr, D_ptr,
     dt, cdt, _, _, _, decay = _ssd_decays(A_ptr, dt_ptr, cdt_ptr, h, chunk, Q)
     qq = q[:, None] * Q + q[None, :]  # (Q, Q) within one chunk's matrix
     cb = tl.load(cb_ptr + (b * nc + c) * Q * Q + qq)
-    dx = tl.dot(tl.trans(cb * decay * dt[None, :]), dy)  # (5)
+    dx = tl.dot(tl.trans(cb * decay * dt[None, :]), dy, input_precision=DOT)  # (5)
     if HAS_D:
         dx += tl.load(D_ptr + h).to(tl.float32) * dy
         tl.store(dD_ptr + bh * nc + c, tl.sum(dy * x))
     tl.store(dx_ptr + x_offs, dx.to(dx_ptr.dtype.element_ty), mask=tp_ok)
-    dM = tl.dot(dy, tl.trans(x)) * decay  # (Q, Q): (dy_t . x_j) exp(s_t - s_j)
+    dM = tl.dot(dy, tl.trans(x), input_precision=DOT) * decay  # (Q, Q): (dy_t . x_j) exp(s_t - s_j)
     tl.store(dcb_ptr + chunk * Q + qq, dM * dt[None, :])  # (6): this head's dCB
     R = cb * dM  # (Q, Q): (dy_t . x_j) CB[t, j] exp(s_t - s_j)
     tl.store(ddt_ptr + chunk + q, tl.sum(R, 0))  # (7)
@@ -892,7 +898,8 @@ def _ssd_intra_grad_kernel(x_ptr, dy_ptr, cb_ptr, A_ptr, dt_ptr, cdt_ptr, D_ptr,
 @triton.jit
 def _ssd_inter_grad_kernel(x_ptr, dy_ptr, B_ptr, C_ptr, A_ptr, dt_ptr, cdt_ptr, states_ptr, dstates_ptr,
                            dx_ptr, ddt_ptr, ds_ptr, dA_ptr, L, H, P, N, nc,
-                           Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                           Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                        DOT: tl.constexpr):
     """The terms of (2) and (3), added to what _ssd_intra_grad_kernel wrote: dx of (5) and ddt of (7) through the
     state passed on, and ds of (8) and dA for exp(s_t) and exp(s_Q - s_j). Grid (batch * heads, chunks)."""
     bh, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
@@ -907,9 +914,9 @@ def _ssd_inter_grad_kernel(x_ptr, dy_ptr, B_ptr, C_ptr, A_ptr, dt_ptr, cdt_ptr, 
         tn, tn_ok = (b * L + t[:, None]) * N + n[None, :], (t < L)[:, None] & (n < N)[None, :]
         pn, pn_ok = p[:, None] * N + n[None, :], (p < P)[:, None] & (n < N)[None, :]
         Hc = tl.load(states_ptr + (bh * (nc + 1) + c) * P * N + pn, mask=pn_ok, other=0.0)  # (BP, BN)
-        y_in += tl.dot(tl.load(C_ptr + tn, mask=tn_ok, other=0.0).to(tl.float32), tl.trans(Hc))
+        y_in += tl.dot(tl.load(C_ptr + tn, mask=tn_ok, other=0.0).to(tl.float32), tl.trans(Hc), input_precision=DOT)
         G = tl.load(dstates_ptr + (bh * (nc + 1) + c + 1) * P * N + pn, mask=pn_ok, other=0.0)
-        gB += tl.dot(tl.load(B_ptr + tn, mask=tn_ok, other=0.0).to(tl.float32), tl.trans(G))
+        gB += tl.dot(tl.load(B_ptr + tn, mask=tn_ok, other=0.0).to(tl.float32), tl.trans(G), input_precision=DOT)
     x_offs = ((b * L + t[:, None]) * H + h) * P + p[None, :]  # (Q, BP)
     x = tl.load(x_ptr + x_offs, mask=tp_ok, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + x_offs, mask=tp_ok, other=0.0).to(tl.float32)
@@ -930,7 +937,8 @@ def _ssd_inter_grad_kernel(x_ptr, dy_ptr, B_ptr, C_ptr, A_ptr, dt_ptr, cdt_ptr, 
 
 @triton.jit
 def _ssd_bc_grad_kernel(u_ptr, states_ptr, dcb_ptr, other_ptr, A_ptr, dt_ptr, cdt_ptr, out_ptr, L, H, P, N, nc,
-                        FOR_B: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                        FOR_B: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                        DOT: tl.constexpr):
     """(6) for one chunk of one batch row and N tile, summed over the heads on chip (B and C are shared by all
     heads; no atomics). The two are the same computation on different inputs, one launch each:
         dC_t = sum_j dCB[t, j] B_j + sum_heads exp(s_t) H_c^T dy_t         u = dy, states = H, other = B
@@ -954,11 +962,11 @@ def _ssd_bc_grad_kernel(u_ptr, states_ptr, dcb_ptr, other_ptr, A_ptr, dt_ptr, cd
             scale = tl.exp(a * cdt.to(tl.float32))
             state = tl.load(states_ptr + (bh * (nc + 1) + c) * P * N + pn, mask=pn_ok, other=0.0)
         u = tl.load(u_ptr + ((b * L + t[:, None]) * H + h) * P + p[None, :], mask=tp_ok, other=0.0).to(tl.float32)
-        acc += tl.dot(u * scale[:, None], state)
+        acc += tl.dot(u * scale[:, None], state, input_precision=DOT)
     dcb = tl.load(dcb_ptr + ((b * nc + c) * Q + q[:, None]) * Q + q[None, :])  # (Q, Q)
     offs = (b * L + t[:, None]) * N + n[None, :]
     other = tl.load(other_ptr + offs, mask=tn_ok, other=0.0).to(tl.float32)
-    acc += tl.dot(tl.trans(dcb), other) if FOR_B else tl.dot(dcb, other)
+    acc += tl.dot(tl.trans(dcb), other, input_precision=DOT) if FOR_B else tl.dot(dcb, other, input_precision=DOT)
     tl.store(out_ptr + offs, acc, mask=tn_ok)
 
 
@@ -972,22 +980,27 @@ def _ssd_tiles(P, N):
 SSD_LAUNCH = dict(num_warps=8, num_stages=2)
 
 
+def _ssd_dot(dtype):
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
 def _ssd_forward(x, dt, cdt, A, B, C, D, z, init, Q, gate=True):
     """The forward kernels -> (out, CB, states); dt, cdt: (batch, heads, chunks, Q)."""
     batch, L, H, P = x.shape
     N, nc = B.shape[-1], dt.shape[2]
     BLOCK_P, BLOCK_N = _ssd_tiles(P, N)
     cb = x.new_empty(batch, nc, Q, Q, dtype=torch.float32)
-    _ssd_cb_kernel[(batch * nc,)](C, B, cb, L, N, nc, Q=Q, BLOCK_N=BLOCK_N, **SSD_LAUNCH)
+    DOT = _ssd_dot(x.dtype)
+    _ssd_cb_kernel[(batch * nc,)](C, B, cb, L, N, nc, Q=Q, BLOCK_N=BLOCK_N, DOT=DOT, **SSD_LAUNCH)
     states = x.new_empty(batch, H, nc + 1, P, N, dtype=torch.float32)
     _ssd_states_kernel[(batch * H, triton.cdiv(N, BLOCK_N))](
         x, B, A, dt, cdt, x if init is None else init, states, L, H, P, N, nc,
-        HAS_INIT=init is not None, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **SSD_LAUNCH)
+        HAS_INIT=init is not None, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, DOT=DOT, **SSD_LAUNCH)
     out = torch.empty_like(x)
     has_z = gate and z is not None
     _ssd_output_kernel[(batch * H, nc)](
         x, C, cb, A, dt, cdt, states, x if D is None else D, z if has_z else x, out, L, H, P, N, nc,
-        HAS_D=D is not None, HAS_Z=has_z, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **SSD_LAUNCH)
+        HAS_D=D is not None, HAS_Z=has_z, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, DOT=DOT, **SSD_LAUNCH)
     return out, cb, states
 
 
@@ -1012,6 +1025,7 @@ class _SSDTriton(torch.autograd.Function):
         batch, L, H, P = x.shape
         N, nc = B.shape[-1], dt.shape[2]
         BLOCK_P, BLOCK_N = _ssd_tiles(P, N)
+        DOT = _ssd_dot(x.dtype)
         cdt = dt.double().cumsum(-1)
         y, cb, states = _ssd_forward(x, dt, cdt, A, B, C, D, z, init, Q, gate=False)  # y before the gate
         dy = torch.zeros_like(x, dtype=torch.float32) if dout is None else dout.float()
@@ -1027,7 +1041,7 @@ class _SSDTriton(torch.autograd.Function):
         carried = x.new_empty(batch, H, nc, n_tiles, dtype=torch.float32)
         _ssd_state_grad_kernel[(batch * H, n_tiles)](
             dy, C, A, cdt, states, dy if dlast is None else dlast.contiguous(), dstates, carried, L, H, P, N, nc,
-            HAS_DLAST=dlast is not None, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **SSD_LAUNCH)
+            HAS_DLAST=dlast is not None, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, DOT=DOT, **SSD_LAUNCH)
         dx = torch.empty_like(x)
         ddt, ds = torch.empty_like(dt), torch.empty_like(dt)
         dA = x.new_empty(batch, H, nc, dtype=torch.float32)
@@ -1035,15 +1049,15 @@ class _SSDTriton(torch.autograd.Function):
         dcb = x.new_empty(batch, H, nc, Q, Q, dtype=torch.float32)
         _ssd_intra_grad_kernel[(batch * H, nc)](
             x, dy, cb, A, dt, cdt, x if D is None else D, dx, ddt, ds, dA, dA if dD is None else dD, dcb, L, H, P, nc,
-            HAS_D=D is not None, Q=Q, BLOCK_P=BLOCK_P, **SSD_LAUNCH)
+            HAS_D=D is not None, Q=Q, BLOCK_P=BLOCK_P, DOT=DOT, **SSD_LAUNCH)
         _ssd_inter_grad_kernel[(batch * H, nc)](
             x, dy, B, C, A, dt, cdt, states, dstates, dx, ddt, ds, dA, L, H, P, N, nc,
-            Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **SSD_LAUNCH)
+            Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, DOT=DOT, **SSD_LAUNCH)
         dcb = dcb.sum(1)  # (b, c, Q, Q): over the heads
         dB, dC = torch.empty_like(B, dtype=torch.float32), torch.empty_like(C, dtype=torch.float32)
         for u, st, other, out, for_b in ((x, dstates, C, dB, True), (dy, states, B, dC, False)):
             _ssd_bc_grad_kernel[(batch * nc, n_tiles)](u, st, dcb, other, A, dt, cdt, out, L, H, P, N, nc,
-                                                       FOR_B=for_b, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **SSD_LAUNCH)
+                                                       FOR_B=for_b, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, DOT=DOT, **SSD_LAUNCH)
         # (8), exp(s_Q) in (3): the state carried over; then s = A cdt and cdt = cumsum(dt) take ds back to dt
         carried = carried.sum(-1)  # (b, h, c)
         ds[..., -1] += carried

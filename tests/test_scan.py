@@ -216,17 +216,19 @@ SSD_GRID = [  # L, chunk_size, dtype, flags: whole chunks, a partial last chunk,
 ]
 
 
-def ssd_run(fn, inputs, flags, **kw):
-    """fn's output, last state and the gradients of every input (initial_state too, if given) under one random
-    projection of the two outputs."""
-    leaves = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in inputs.items()}
+def ssd_run(fn, inputs, flags, device="cpu", **kw):
+    """fn's output, last state and the gradients of every input under one random projection of the two
+    outputs, computed on `device`, returned on the CPU."""
+    leaves = {k: None if v is None else v.detach().to(device).requires_grad_() for k, v in inputs.items()}
     out, last = fn(**leaves, dt_softplus=flags[3], return_last_state=True, **kw)
     g = torch.Generator().manual_seed(1)
-    ((out.float() * torch.randn(out.shape, generator=g)).sum() + (last * torch.randn(last.shape, generator=g)).sum()).backward()
-    return out, last, {k: v.grad for k, v in leaves.items() if v is not None}
+    loss = (out.float().cpu() * torch.randn(out.shape, generator=g)).sum() + (last.cpu() * torch.randn(last.shape, generator=g)).sum()
+    loss.backward()
+    return out.cpu(), last.cpu(), {k: v.grad.cpu() for k, v in leaves.items() if v is not None}
 
 
 SSD_PATHS = {"torch": scan.ssd_scan_torch, "triton": scan.ssd_scan_triton}
+SSD_DEVICE = {"torch": "cpu", "triton": TRITON_DEV}  # the kernels on the GPU, or in the interpreter without one
 
 
 @pytest.mark.parametrize("path", SSD_PATHS)
@@ -237,7 +239,8 @@ def test_ssd_matches_reference(path, L, chunk_size, dtype, flags):
     gradient."""
     inputs = ssd_inputs(2, L, 4, 8, 16, dtype, flags)
     chunk_size = max(chunk_size, 16) if path == "triton" else chunk_size
-    out, last, grads = ssd_run(functools.partial(SSD_PATHS[path], chunk_size=chunk_size), inputs, flags)
+    out, last, grads = ssd_run(functools.partial(SSD_PATHS[path], chunk_size=chunk_size), inputs, flags,
+                               SSD_DEVICE[path])
     out_r, last_r, grads_r = ssd_run(ssd_by_ref, inputs, flags)
     rtol, atol = (6e-4, 2e-3) if dtype == torch.float32 else (3e-2, 5e-2)
     assert out.dtype == dtype and last.dtype == torch.float32 and last.is_contiguous()
@@ -255,7 +258,7 @@ def test_ssd_initial_state_continues_a_scan(path):
     fn = functools.partial(SSD_PATHS[path], chunk_size=16)
     flags = FLAGS[1]
     inputs = ssd_inputs(2, 90, 4, 8, 16, torch.float32, flags)
-    out, last, grads = ssd_run(fn, inputs, flags)
+    out, last, grads = ssd_run(fn, inputs, flags, SSD_DEVICE[path])
 
     def halves(x, dt, A, B, C, D, z, dt_bias, **kw):
         first = {k: v[:, :37] for k, v in dict(x=x, dt=dt, B=B, C=C, z=z).items()}
@@ -263,7 +266,7 @@ def test_ssd_initial_state_continues_a_scan(path):
         y1, h = fn(**first, A=A, D=D, dt_bias=dt_bias, **kw)
         y2, last = fn(**second, A=A, D=D, dt_bias=dt_bias, initial_state=h, **kw)
         return torch.cat([y1, y2], 1), last
-    out_h, last_h, grads_h = ssd_run(halves, inputs, flags)
+    out_h, last_h, grads_h = ssd_run(halves, inputs, flags, SSD_DEVICE[path])
     torch.testing.assert_close(out_h, out, rtol=6e-4, atol=2e-3)
     torch.testing.assert_close(last_h, last, rtol=6e-4, atol=2e-3)
     for k in grads:
@@ -280,7 +283,7 @@ def test_ssd_decays_near_zero_and_near_one(path):
     big = torch.rand(1, 1500, 2, generator=g) < 0.3
     inputs["dt"] = torch.where(big, 8.0, -9.0) + torch.rand(1, 1500, 2, generator=g)  # softplus: ~8 or ~1e-4
     inputs["dt_bias"] = torch.zeros(2)
-    out, last, grads = ssd_run(functools.partial(SSD_PATHS[path], chunk_size=64), inputs, flags)
+    out, last, grads = ssd_run(functools.partial(SSD_PATHS[path], chunk_size=64), inputs, flags, SSD_DEVICE[path])
     out_r, last_r, grads_r = ssd_run(ssd_by_ref, inputs, flags)
     torch.testing.assert_close(out, out_r, rtol=6e-4, atol=2e-3)
     torch.testing.assert_close(last, last_r, rtol=6e-4, atol=2e-3)
@@ -351,12 +354,16 @@ def test_state_update_steps_equal_scan(path, G, flags):
 
 
 def test_dispatch_by_device():
-    """CPU tensors take the PyTorch path (bitwise the same); CUDA tensors, where there are any, Triton."""
+    """CPU tensors take the PyTorch paths (bitwise the same); CUDA tensors, where there are any, Triton."""
     p = make_inputs(1, 2, 5, 3, None, torch.float32, FLAGS[1])
     assert torch.equal(scan.selective_scan(**p, delta_softplus=True), scan.selective_scan_cpu(**p, delta_softplus=True))
-    if GPU:
+    q = ssd_inputs(1, 40, 2, 16, 16, torch.float32, FLAGS[1])
+    assert torch.equal(scan.ssd_scan(**q, chunk_size=16), scan.ssd_scan_torch(**q, chunk_size=16))
+    if GPU:  # model.py's Mamba-2 calls ssd_scan: on CUDA it trains on the Triton kernels
         p = make_inputs(1, 2, 5, 3, None, torch.float32, FLAGS[1], device="cuda")
         assert torch.equal(scan.selective_scan(**p), scan.selective_scan_triton(**p))
+        q = {k: v.cuda() for k, v in q.items()}
+        assert torch.equal(scan.ssd_scan(**q, chunk_size=16), scan.ssd_scan_triton(**q, chunk_size=16))
 
 
 BAD = [  # (change to the inputs, the argument the error must name)
@@ -422,14 +429,14 @@ for ptr in ("*fp32", "*bf16"):
     # the SSD kernels at the paper's Mamba-2 shape: headdim 64, d_state 512, chunks of 64
     P, N, Q = 64, 512, 64
     BLOCK_P, BLOCK_N = scan._ssd_tiles(P, N)
-    tiles = dict(Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N)
+    tiles = dict(Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, DOT="tf32x3" if ptr == "*fp32" else "tf32")
     ssd_in = dict(dict.fromkeys(("x_ptr", "z_ptr", "B_ptr", "C_ptr", "out_ptr", "dx_ptr", "other_ptr"), "in"),
                   cdt_ptr="f64", **{"in": ptr})
-    for kernel, consts in ((scan._ssd_cb_kernel, dict(Q=Q, BLOCK_N=BLOCK_N)),
+    for kernel, consts in ((scan._ssd_cb_kernel, dict(Q=Q, BLOCK_N=BLOCK_N, DOT=tiles["DOT"])),
                            (scan._ssd_states_kernel, dict(tiles, HAS_INIT=True)),
                            (scan._ssd_output_kernel, dict(tiles, HAS_D=True, HAS_Z=True)),
                            (scan._ssd_state_grad_kernel, dict(tiles, HAS_DLAST=True)),
-                           (scan._ssd_intra_grad_kernel, dict(HAS_D=True, Q=Q, BLOCK_P=BLOCK_P)),
+                           (scan._ssd_intra_grad_kernel, dict(HAS_D=True, Q=Q, BLOCK_P=BLOCK_P, DOT=tiles["DOT"])),
                            (scan._ssd_inter_grad_kernel, tiles)):
         build(kernel, consts, ssd_in, scan.SSD_LAUNCH)
     build(scan._ssd_bc_grad_kernel, dict(tiles, FOR_B=True), dict(ssd_in, u_ptr="in"), scan.SSD_LAUNCH)  # u = x
