@@ -72,6 +72,9 @@ SHAPES = {
 }
 HEADS = 8
 STEP_SHAPE = {"cuda": (2, 2048, 512), "cpu": (2, 512, 128)}  # (batch, dim, N) of one generation step
+# Mamba-2's scan in its own layout, (batch, L, heads, headdim, N): on CUDA one layer of the paper's Prefix SiMBA at
+# batch 4 x 30 s (2250 frames + 3 delay steps + 64 text tokens), on CPU the tiny models' layer at 2048 steps
+SSD_SHAPE = {"cuda": (4, 2317, 32, 64, 512), "cpu": (1, 2048, 8, 16, 16)}
 
 
 def machine(device):
@@ -262,6 +265,14 @@ def mamba_ssm_scan(heads, chunk_size=256):
     return scan_fn and heads_layout(scan_fn, heads, grouped_bc=True, chunk_size=chunk_size)
 
 
+def mamba_ssm_ssd(chunk_size=256):
+    """mamba_ssm's mamba_chunk_scan_combined behind scan.ssd_scan's signature (B and C as one group), or None
+    where it is not installed. 256 is its default chunk, as its Mamba2 layer uses."""
+    theirs = import_mamba_ssm().get("scan")
+    return theirs and (lambda x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False: theirs(
+        x, dt, A, B[:, :, None], C[:, :, None], chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus))
+
+
 def bench_kernel(device, dtype, reps):
     rows = []
     paths = {"reference": scan.selective_scan_ref}
@@ -310,11 +321,61 @@ def bench_kernel(device, dtype, reps):
             if row["shape"] == name:
                 row["fwd_speedup"] = ref["fwd_ms"] / row["fwd_ms"]
                 row["fwd_bwd_speedup"] = ref["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+    for ssd_dtype in [dtype] + ([torch.bfloat16] if device == "cuda" and dtype != torch.bfloat16 else []):
+        rows += bench_ssd(device, ssd_dtype, reps)
     rows += bench_step(device, dtype, reps)
     peak = peak_gbps(device)
     for row in rows:
         for k in ("fwd", "bwd", "fwd_bwd"):
             row[f"{k}_pct_peak"] = None if peak is None or row[f"{k}_GBps"] is None else 100 * row[f"{k}_GBps"] / peak
+    return rows
+
+
+def bench_ssd(device, dtype, reps):
+    """Mamba-2's scan at SSD_SHAPE in mamba_ssm's layout, as model.py calls it (D, dt_bias and softplus on, no z):
+    the PyTorch path, our Triton kernels (CUDA) and mamba_ssm's mamba_chunk_scan_combined (CUDA, where installed,
+    at its default chunk of 256). Bytes moved at the least: the forward reads x, dt, B, C and writes out; the
+    backward alone reads them and dout and writes dx, ddt, dB, dC."""
+    batch, L, H, P, N = SSD_SHAPE[device]
+    g = torch.Generator().manual_seed(0)
+    x = dict(x=torch.randn(batch, L, H, P, generator=g), dt=torch.randn(batch, L, H, generator=g) - 3,
+             B=torch.randn(batch, L, N, generator=g), C=torch.randn(batch, L, N, generator=g))
+    x = {k: v.to(device, dtype) for k, v in x.items()}
+    x.update(A=-torch.rand(H, generator=g).to(device) * 4 - 0.5, D=torch.ones(H, device=device),
+             dt_bias=torch.rand(H, generator=g).to(device))
+    x = {k: v.requires_grad_() for k, v in x.items()}
+    dout = torch.randn(batch, L, H, P, device=device, dtype=dtype)
+    paths = {"ssd torch": scan.ssd_scan_torch}
+    if device == "cuda":
+        paths["ssd triton"] = scan.ssd_scan_triton
+        if mamba_ssm_ssd():
+            paths["mamba_ssm"] = mamba_ssm_ssd()
+    size = torch.finfo(dtype).bits // 8
+    seq, bc, hd = batch * L * H * P * size, batch * L * N * size, batch * L * H * size
+    bytes_fwd, bytes_bwd = 2 * seq + 2 * bc + hd, 3 * seq + 4 * bc + 2 * hd
+    rows = []
+    for path, fn in paths.items():
+        def fwd():
+            with torch.no_grad():
+                fn(**x, dt_softplus=True)
+
+        def fwd_bwd():
+            fn(**x, dt_softplus=True).backward(dout)
+
+        def bwd():  # the backward alone: a fresh forward graph each time, untimed
+            times = []
+            for _ in range(reps + 1):
+                out = fn(**x, dt_softplus=True)
+                times.append(elapsed(lambda: out.backward(dout), device))
+            return statistics.median(times[1:])
+
+        t_f, t_b, t_fb = timeit(fwd, device, reps), bwd(), timeit(fwd_bwd, device, reps)
+        rows.append(dict(shape=f"ssd {H}x{P}", batch=batch, dim=H * P, N=N, L=L, dtype=str(dtype).replace("torch.", ""),
+                         path=path, fwd_ms=1e3 * t_f, bwd_ms=1e3 * t_b, fwd_bwd_ms=1e3 * t_fb,
+                         fwd_GBps=bytes_fwd / t_f / 1e9, bwd_GBps=bytes_bwd / t_b / 1e9,
+                         fwd_bwd_GBps=(bytes_fwd + bytes_bwd) / t_fb / 1e9))
+    for row in rows:  # against the PyTorch path
+        row["fwd_speedup"], row["fwd_bwd_speedup"] = rows[0]["fwd_ms"] / row["fwd_ms"], rows[0]["fwd_bwd_ms"] / row["fwd_bwd_ms"]
     return rows
 
 

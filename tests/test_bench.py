@@ -34,10 +34,11 @@ def test_generate_and_stage2_sections_rows():
 def test_kernel_section_rows(monkeypatch):
     monkeypatch.setitem(bench.SHAPES, "cpu", {"mamba1": (1, 8, 4, 64), "mamba2": (1, 16, 8, 64)})
     monkeypatch.setitem(bench.STEP_SHAPE, "cpu", (2, 16, 8))
+    monkeypatch.setitem(bench.SSD_SHAPE, "cpu", (1, 100, 2, 16, 16))
     rows = bench.bench_kernel("cpu", bench.torch.float32, reps=2)
     paths = ["reference", "pscan", "cpu path"]
     assert [(r["shape"], r["path"]) for r in rows] == ([("mamba1", p) for p in paths] + [("mamba2", p) for p in paths]
-                                                       + [("mamba2", "ssd"), ("step", "cpu path")])
+                                                       + [("mamba2", "ssd"), ("ssd 2x16", "ssd torch"), ("step", "cpu path")])
     for r in rows[:-1]:
         assert min(r["fwd_ms"], r["bwd_ms"], r["fwd_bwd_ms"]) > 0 and r["fwd_pct_peak"] is None  # no peak on CPU
         assert r["bwd_GBps"] > 0 and r["fwd_bwd_speedup"] > 0
@@ -112,6 +113,20 @@ def test_mamba_ssm_rows_compute_our_function(mamba_ssm_kernels):
     for k in ("delta_bias", "D"):
         torch.testing.assert_close(per_head(theirs[k], 0), per_head(ref[k], 0), **tol, msg=k)
     torch.testing.assert_close(per_head(theirs["A"], 0)[:, 0], per_head(ref["A"], 0).sum(-1), **tol)
+
+    # the "ssd" rows' mamba_ssm: its scan in its own layout, against ours, output and every gradient
+    p = {k: v.to(DEV).requires_grad_() for k, v in dict(
+        x=torch.randn(2, 80, 4, 16), dt=torch.randn(2, 80, 4) - 1, A=-torch.rand(4) - 0.5, B=torch.randn(2, 80, 16),
+        C=torch.randn(2, 80, 16), D=torch.rand(4), dt_bias=torch.rand(4)).items()}
+    results, dout = [], torch.randn(2, 80, 4, 16).to(DEV)
+    for fn in (bench.mamba_ssm_ssd(chunk_size=32), scan.ssd_scan):
+        for v in p.values():
+            v.grad = None
+        out = fn(**p, dt_softplus=True)
+        out.backward(dout)
+        results.append([out.detach()] + [v.grad.clone() for v in p.values()])
+    for name, theirs, ours in zip(["out", *p], *results):
+        torch.testing.assert_close(theirs, ours, **tol, msg=name)
 
     a, b = (bench.step_inputs(2, 32, 16, DEV, torch.float32) for _ in range(2))
     out = mamba_ssm_kernels["step"](**a, dt_softplus=True)
