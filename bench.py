@@ -16,7 +16,9 @@ GB/s counts the bytes a scan must move at the least, each tensor read or written
 forward reads u, delta, z, B, C and writes out; the backward reads them and dout again and
 writes du, ddelta, dz, dB, dC. Nothing (batch, dim, L, N)-sized is counted: no path needs it.
 At the Mamba-2 shape (one A and delta per head), "ssd" is scan.ssd_scan, the chunked matrix-product
-form that model.py's Mamba-2 runs, with the layout conversion timed in.
+form that model.py's Mamba-2 runs, with the layout conversion timed in. The "ssd" shape is Mamba-2's scan
+in its own layout at one layer of the paper's Prefix SiMBA (CUDA; the tiny models' layer on CPU): the
+PyTorch path, our Triton kernels and mamba_ssm's, in float32 and bfloat16.
 The "step" rows time one generation step (scan.selective_state_update) at prefix_simba's shape.
 On CUDA, where mamba_ssm is installed (its sources are enough: see the README), its Triton kernels run beside
 ours ("mamba_ssm" rows): the chunked scan (mamba_chunk_scan_combined) on the Mamba-2 shape, whose inputs have

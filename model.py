@@ -198,8 +198,8 @@ class Mamba1(nn.Module):
 class Mamba2(nn.Module):
     """Mamba-2 (Dao & Gu 2024): one scalar A and dt per head of `headdim` channels, B and C shared by all
     heads (one group), a causal conv over x, B and C together, and a gated RMSNorm before out_proj.
-    Its scan is scan.ssd_scan (chunked matrix products); a generation step is Mamba-1's per-channel update with
-    each head's A and dt repeated over its channels."""
+    Its scan is scan.ssd_scan (chunked matrix products: Triton kernels on CUDA, PyTorch elsewhere); a generation
+    step is Mamba-1's per-channel update with each head's A and dt repeated over its channels."""
 
     def __init__(self, cfg):
         super().__init__()
