@@ -124,6 +124,23 @@ def timeit(fn, device, reps):
     return statistics.median(elapsed(fn, device) for _ in range(reps))
 
 
+def time_scan(scan_fn, dout, device, reps):
+    """Median seconds of a scan's forward (no graph), its backward alone (on a fresh forward graph each time,
+    untimed) and forward + backward; scan_fn() runs the forward."""
+    def fwd():
+        with torch.no_grad():
+            scan_fn()
+
+    def bwd():
+        times = []
+        for _ in range(reps + 1):
+            out = scan_fn()
+            times.append(elapsed(lambda: out.backward(dout), device))
+        return statistics.median(times[1:])
+
+    return timeit(fwd, device, reps), bwd(), timeit(lambda: scan_fn().backward(dout), device, reps)
+
+
 def _blelloch_(a, x, reverse=False):
     """In place: x_t <- h_t = a_t * h_{t-1} + x_t (h_{-1} = 0) along dim 2 of (batch, dim, L, N) tensors.
 
@@ -297,23 +314,8 @@ def bench_kernel(device, dtype, reps):
             if theirs:
                 more["mamba_ssm"] = theirs
         for path, fn in {**paths, **more}.items():
-            r = 1 if path == "reference" else reps
-
-            def fwd():
-                with torch.no_grad():
-                    fn(**x, delta_softplus=True)
-
-            def fwd_bwd():
-                fn(**x, delta_softplus=True).backward(dout)
-
-            def bwd():  # the backward alone: a fresh forward graph each time, untimed
-                times = []
-                for _ in range(r + 1):
-                    out = fn(**x, delta_softplus=True)
-                    times.append(elapsed(lambda: out.backward(dout), device))
-                return statistics.median(times[1:])
-
-            t_f, t_b, t_fb = timeit(fwd, device, r), bwd(), timeit(fwd_bwd, device, r)
+            t_f, t_b, t_fb = time_scan(lambda: fn(**x, delta_softplus=True), dout, device,
+                                       1 if path == "reference" else reps)
             rows.append(dict(shape=name, batch=batch, dim=dim, N=N, L=L, dtype=str(dtype).replace("torch.", ""),
                              path=path, fwd_ms=1e3 * t_f, bwd_ms=1e3 * t_b, fwd_bwd_ms=1e3 * t_fb,
                              fwd_GBps=bytes_fwd / t_f / 1e9, bwd_GBps=(bytes_bwd - bytes_fwd) / t_b / 1e9,
@@ -357,21 +359,7 @@ def bench_ssd(device, dtype, reps):
     bytes_fwd, bytes_bwd = 2 * seq + 2 * bc + hd, 3 * seq + 4 * bc + 2 * hd
     rows = []
     for path, fn in paths.items():
-        def fwd():
-            with torch.no_grad():
-                fn(**x, dt_softplus=True)
-
-        def fwd_bwd():
-            fn(**x, dt_softplus=True).backward(dout)
-
-        def bwd():  # the backward alone: a fresh forward graph each time, untimed
-            times = []
-            for _ in range(reps + 1):
-                out = fn(**x, dt_softplus=True)
-                times.append(elapsed(lambda: out.backward(dout), device))
-            return statistics.median(times[1:])
-
-        t_f, t_b, t_fb = timeit(fwd, device, reps), bwd(), timeit(fwd_bwd, device, reps)
+        t_f, t_b, t_fb = time_scan(lambda: fn(**x, dt_softplus=True), dout, device, reps)
         rows.append(dict(shape=f"ssd {H}x{P}", batch=batch, dim=H * P, N=N, L=L, dtype=str(dtype).replace("torch.", ""),
                          path=path, fwd_ms=1e3 * t_f, bwd_ms=1e3 * t_b, fwd_bwd_ms=1e3 * t_fb,
                          fwd_GBps=bytes_fwd / t_f / 1e9, bwd_GBps=bytes_bwd / t_b / 1e9,
