@@ -365,7 +365,8 @@ def bench_ssd(device, dtype, reps):
                          fwd_GBps=bytes_fwd / t_f / 1e9, bwd_GBps=bytes_bwd / t_b / 1e9,
                          fwd_bwd_GBps=(bytes_fwd + bytes_bwd) / t_fb / 1e9))
     for row in rows:  # against the PyTorch path
-        row["fwd_speedup"], row["fwd_bwd_speedup"] = rows[0]["fwd_ms"] / row["fwd_ms"], rows[0]["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+        row["fwd_speedup"] = rows[0]["fwd_ms"] / row["fwd_ms"]
+        row["fwd_bwd_speedup"] = rows[0]["fwd_bwd_ms"] / row["fwd_bwd_ms"]
     return rows
 
 

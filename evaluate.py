@@ -681,7 +681,7 @@ def variant_names(settings):
 
 
 def group_runs(rows):
-    """Runs whose settings differ only in SEED_KEYS are seeds of one setting -> [[row, ...], ...], in first-seen order."""
+    """Runs whose settings differ only in SEED_KEYS are seeds of one setting -> [[row, ...], ...] (first-seen order)."""
     groups = {}
     for r in rows:
         key = repr(sorted((k, v) for k, v in r["config"].items() if k not in SEED_KEYS))
@@ -721,7 +721,9 @@ def compare(run_dirs):
     variants = {}
     for name, g in zip(names, groups):
         variants.setdefault(name, []).append(g)
-    best = {name: min(gs, key=lambda g: spread([r["log"][-1]["val_loss"] for r in g])[0]) for name, gs in variants.items()}
+    def final(g):  # the seeds' mean final val loss
+        return spread([r["log"][-1]["val_loss"] for r in g])[0]
+    best = {name: min(gs, key=final) for name, gs in variants.items()}
 
     print("Every setting: the final val loss, mean ± sd over the seeds.\n")
     print("| variant | learning rate | seeds | steps | final val loss | |\n|---|---|---|---|---|---|")
@@ -743,9 +745,10 @@ def compare(run_dirs):
                          tokens_per_s=spread([r["tokens_per_s"] for r in g]),
                          **{f"val_loss_at_{x}": spread([at(r, x, b) for r in g]) for x, b in budgets.items()},
                          **{k: spread([r[k] for r in g]) for k in ("text_gain", "text_gain_first_second", "probe",
-                                                                  "probe_no_caption", "probe_ceiling", *METRIC_MODELS)}))
-    print(f"\nEach variant at its best learning rate (mean ± sd over the seeds). Budgets: {budgets['iter']:.0f} steps, "
-          f"{budgets['flops_seen']:.3g} training FLOPs, {budgets['train_seconds']:.0f} s of training.\n")
+                                                                  "probe_no_caption", "probe_ceiling",
+                                                                  *METRIC_MODELS)}))
+    print(f"\nEach variant at its best learning rate (mean ± sd over the seeds). Budgets: {budgets['iter']:.0f} "
+          f"steps, {budgets['flops_seen']:.3g} training FLOPs, {budgets['train_seconds']:.0f} s of training.\n")
     columns = {"val loss, equal steps": ("val_loss_at_iter", ".4f"), "equal FLOPs": ("val_loss_at_flops_seen", ".4f"),
                "equal wall-clock": ("val_loss_at_train_seconds", ".4f"), "text gain": ("text_gain", "+.4f"),
                "text gain, 1st s": ("text_gain_first_second", "+.4f"), "probe: generated": ("probe", ".3f"),

@@ -792,7 +792,8 @@ def _ssd_states_kernel(x_ptr, B_ptr, A_ptr, dt_ptr, cdt_ptr, init_ptr, states_pt
         dt, cdt = tl.load(dt_ptr + (bh * nc + c) * Q + q), tl.load(cdt_ptr + (bh * nc + c) * Q + q)
         cdt_end = tl.load(cdt_ptr + (bh * nc + c) * Q + Q - 1)
         w = tl.exp(a * (cdt_end - cdt).to(tl.float32)) * dt  # (Q,)
-        state = state * tl.exp(a * cdt_end.to(tl.float32)) + tl.dot(tl.trans(x * w[:, None]), Bv, input_precision=DOT)  # (BP, BN)
+        state = state * tl.exp(a * cdt_end.to(tl.float32)) + tl.dot(tl.trans(x * w[:, None]), Bv,
+                                                                    input_precision=DOT)  # (BP, BN)
     tl.store(states_ptr + (bh * (nc + 1) + nc) * P * N + pn, state, mask=pn_ok)
 
 
@@ -801,7 +802,8 @@ def _ssd_output_kernel(x_ptr, C_ptr, cb_ptr, A_ptr, dt_ptr, cdt_ptr, states_ptr,
                        L, H, P, N, nc, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                        Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
                         DOT: tl.constexpr):
-    """(1) + (2), then D and the gate: the output of one chunk of one (batch row, head). Grid (batch * heads, chunks)."""
+    """(1) + (2), then D and the gate: the output of one chunk of one (batch row, head).
+    Grid (batch * heads, chunks)."""
     bh, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
     b, h = bh // H, bh % H
     p, q = tl.arange(0, BLOCK_P), tl.arange(0, Q)
@@ -1056,8 +1058,9 @@ class _SSDTriton(torch.autograd.Function):
         dcb = dcb.sum(1)  # (b, c, Q, Q): over the heads
         dB, dC = torch.empty_like(B, dtype=torch.float32), torch.empty_like(C, dtype=torch.float32)
         for u, st, other, out, for_b in ((x, dstates, C, dB, True), (dy, states, B, dC, False)):
-            _ssd_bc_grad_kernel[(batch * nc, n_tiles)](u, st, dcb, other, A, dt, cdt, out, L, H, P, N, nc,
-                                                       FOR_B=for_b, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, DOT=DOT, **SSD_LAUNCH)
+            _ssd_bc_grad_kernel[(batch * nc, n_tiles)](
+                u, st, dcb, other, A, dt, cdt, out, L, H, P, N, nc,
+                FOR_B=for_b, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, DOT=DOT, **SSD_LAUNCH)
         # (8), exp(s_Q) in (3): the state carried over; then s = A cdt and cdt = cumsum(dt) take ds back to dt
         carried = carried.sum(-1)  # (b, h, c)
         ds[..., -1] += carried

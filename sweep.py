@@ -150,7 +150,7 @@ def main(argv):
                             f"--out={os.path.join(out_root, 'compare.png')}"], capture_output=True, text=True)
     if table.returncode:
         sys.exit(f"sweep.py: evaluate.py --runs failed: {table.stderr.strip().splitlines()[-1]}")
-    trained = sum(torch.load(os.path.join(r, "ckpt.pt"), weights_only=True).get("train_seconds", 0.0) for r in every_run)
+    trained = sum(torch.load(os.path.join(r, "ckpt.pt"), weights_only=True)["train_seconds"] for r in every_run)
     header = (f"sweep.py at commit {commit()} on {machine('cuda' if torch.cuda.is_available() else 'cpu')}, "
               f"{jobs} run(s) at a time: {len(every_run)} runs, {trained / 3600:.2f} h of training in all; "
               f"this call took {(time.time() - started) / 3600:.2f} h.\n\n")

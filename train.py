@@ -273,7 +273,8 @@ def save_checkpoint(path):
 # -----------------------------------------------------------------------------
 # the loop
 log_path = os.path.join(out_dir, "log.csv")
-columns = ["iter", "tokens_seen", "flops_seen", "train_seconds", "lr", "train_loss", *METRICS, "tokens_per_s", "mfu", "peak_mem_MB"]
+columns = ["iter", "tokens_seen", "flops_seen", "train_seconds", "lr", "train_loss", *METRICS, "tokens_per_s", "mfu",
+           "peak_mem_MB"]
 if master and (init_from == "scratch" or not os.path.exists(log_path)):
     with open(log_path, "w", newline="") as f:
         csv.writer(f).writerow(columns)

@@ -38,7 +38,8 @@ def test_kernel_section_rows(monkeypatch):
     rows = bench.bench_kernel("cpu", bench.torch.float32, reps=2)
     paths = ["reference", "pscan", "cpu path"]
     assert [(r["shape"], r["path"]) for r in rows] == ([("mamba1", p) for p in paths] + [("mamba2", p) for p in paths]
-                                                       + [("mamba2", "ssd"), ("ssd 2x16", "ssd torch"), ("step", "cpu path")])
+                                                       + [("mamba2", "ssd"), ("ssd 2x16", "ssd torch"),
+                                                          ("step", "cpu path")])
     for r in rows[:-1]:
         assert min(r["fwd_ms"], r["bwd_ms"], r["fwd_bwd_ms"]) > 0 and r["fwd_pct_peak"] is None  # no peak on CPU
         assert r["bwd_GBps"] > 0 and r["fwd_bwd_speedup"] > 0

@@ -223,8 +223,8 @@ def ssd_run(fn, inputs, flags, device="cpu", **kw):
     leaves = {k: None if v is None else v.detach().to(device).requires_grad_() for k, v in inputs.items()}
     out, last = fn(**leaves, dt_softplus=flags[3], return_last_state=True, **kw)
     g = torch.Generator().manual_seed(1)
-    loss = (out.float().cpu() * torch.randn(out.shape, generator=g)).sum() + (last.cpu() * torch.randn(last.shape, generator=g)).sum()
-    loss.backward()
+    loss = (out.float().cpu() * torch.randn(out.shape, generator=g)).sum()
+    (loss + (last.cpu() * torch.randn(last.shape, generator=g)).sum()).backward()
     return out.cpu(), last.cpu(), {k: v.grad.cpu() for k, v in leaves.items() if v is not None}
 
 
