@@ -626,11 +626,20 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 #       where dCB[t, j] = (dy_t . x_j) exp(s_t - s_j) dt_j for j <= t, summed over the heads
 #   (7) ddt_j (through dt_j itself) = sum_t (dy_t . x_j) CB[t, j] exp(s_t - s_j) + exp(s_Q - s_j) x_j . G_{c+1} B_j
 #   (8) ds_t: each exp(s_t - s_j) in (1), exp(s_t) in (2), exp(s_Q - s_j) and exp(s_Q) in (3) differentiated
-# and s's gradient reaches dt and A through the cumulative sum (autograd). No (L, N)-per-channel tensor is
-# formed, and on a GPU the products run on tensor cores.
+# and ds reaches dt through s's cumulative sum. No (L, N)-per-channel tensor is formed, and on a GPU the
+# products run on tensor cores.
 #
 # The PyTorch path keeps B, C and the states in (batch, chunk, ...) with the heads inside the matrix
-# dimension, so B and C are never copied per head; it serves the CPU and is the kernels' reference.
+# dimension, so B and C are never copied per head, and autograd does its backward; it serves the CPU and is
+# the kernels' reference. The Triton kernels, in the order they run:
+#   _ssd_cb_kernel           CB per (batch row, chunk)                                        (1)
+#   _ssd_states_kernel       H_c, walking the chunks in order, a (P, N tile) state on chip     (3)
+#   _ssd_output_kernel       y per (batch row x head, chunk)                                 (1) (2)
+#   the backward runs those three again (nothing state-sized is kept in between), then
+#   _ssd_state_grad_kernel   G_c, walking the chunks in reverse                               (4)
+#   _ssd_intra_grad_kernel   within a chunk: dx, ddt, ds, dA, and this head's dCB             (5) (7) (8) (6)
+#   _ssd_inter_grad_kernel   through the states: dx, ddt, ds, dA                              (5) (7) (8)
+#   _ssd_bc_grad_kernel      dB, dC, summing the heads on chip (B and C are shared)           (6)
 
 
 def _check_ssd_args(x, dt, A, B, C, D, z, dt_bias, initial_state):
