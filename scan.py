@@ -1196,3 +1196,121 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     """One recurrent step (see the module docstring): Triton on CUDA, PyTorch elsewhere."""
     step = selective_state_update_triton if state.is_cuda else selective_state_update_cpu
     return step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+# -----------------------------------------------------------------------------
+# one Mamba-2 step for generation: the causal convolution and the state update together
+#
+# The convolution's state is a ring of the last d_conv inputs per channel: the input of position t sits in slot
+# t % d_conv, so a step writes one slot (the oldest input's) and moves nothing. On CUDA one kernel per step and
+# layer does the convolution over (x, B, C), its silu, softplus(dt + dt_bias), the state update and the output,
+# reading A, D and dt_bias per head as the model keeps them. Each program owns one (batch row, head); B and C
+# are shared by the heads, so every program convolves them and head 0 writes their new slot (the others read
+# only older slots, which no program writes this step).
+
+
+def causal_conv_step(conv_state, x, weight, bias, pos):
+    """One step of a causal depthwise convolution with a ring state: conv_state (B, C, K) takes x (B, C) into
+    slot pos % K in place; -> the convolution's output (B, C), before any activation. pos: a 0-d long tensor."""
+    K = conv_state.shape[-1]
+    conv_state.index_copy_(2, (pos % K).view(1), x[..., None].to(conv_state.dtype))
+    window = conv_state.index_select(2, (pos + 1 + torch.arange(K, device=x.device)) % K)  # oldest .. newest
+    return (window * weight).sum(-1) + bias
+
+
+def _check_ssd_step_args(state, conv_state, xBC, dt, weight, bias, A, D, dt_bias, pos):
+    """Validate a Mamba-2 step (ValueError naming the argument); return (batch, heads, headdim, N, channels)."""
+    if not isinstance(state, torch.Tensor) or state.dim() != 4 or state.dtype != torch.float32:
+        raise ValueError(f"state: expected a float32 tensor (batch, heads, headdim, N), got "
+                         f"{getattr(state, 'shape', type(state))}")
+    batch, H, P, N = state.shape
+    CH, dev = H * P + 2 * N, state.device
+    if not state.is_contiguous() or not conv_state.is_contiguous():
+        raise ValueError("state, conv_state: expected contiguous tensors (they are updated in place)")
+    if conv_state.dim() != 3 or conv_state.shape[:2] != (batch, CH):
+        raise ValueError(f"conv_state: expected shape ({batch}, {CH}, d_conv), got {tuple(conv_state.shape)}")
+    K = conv_state.shape[-1]
+    for name, t, shape in (("xBC", xBC, (batch, CH)), ("dt", dt, (batch, H)), ("weight", weight, (CH, K)),
+                           ("bias", bias, (CH,)), ("A", A, (H,)), ("D", D, (H,)), ("dt_bias", dt_bias, (H,))):
+        _expect(t, name, shape, dev)
+    if not isinstance(pos, torch.Tensor) or pos.dim() != 0 or pos.dtype != torch.long or pos.device != dev:
+        raise ValueError(f"pos: expected a 0-d long tensor on {dev}")
+    return batch, H, P, N, CH
+
+
+def ssd_step_torch(state, conv_state, xBC, dt, weight, bias, A, D, dt_bias, pos):
+    """One Mamba-2 step in PyTorch (any device).
+
+        state (batch, heads, headdim, N) float32 and conv_state (batch, channels, d_conv) are updated in place;
+        xBC (batch, channels): the new input of the convolution, channels = heads * headdim + 2N (x, B, C)
+        dt (batch, heads) before dt_bias and softplus; weight (channels, d_conv), bias (channels,): the conv's
+        A, D, dt_bias (heads,); pos: the 0-d long position of this step
+        -> y (batch, heads * headdim) in xBC's dtype
+    """
+    batch, H, P, N, CH = _check_ssd_step_args(state, conv_state, xBC, dt, weight, bias, A, D, dt_bias, pos)
+    u = F.silu(causal_conv_step(conv_state, xBC, weight, bias, pos)).float()
+    x, B, C = u[:, :H * P].view(batch, H, P), u[:, H * P:H * P + N], u[:, H * P + N:]
+    dt = F.softplus(dt.float() + dt_bias.float())  # (batch, heads)
+    state.mul_(torch.exp(dt * A.float())[..., None, None]).add_((dt[..., None] * x)[..., None] * B[:, None, None])
+    y = (state @ C[:, None, :, None])[..., 0] + D.float()[:, None] * x  # (batch, heads, headdim)
+    return y.flatten(1).to(xBC.dtype)
+
+
+@triton.jit
+def _conv_ring(conv_ptr, xBC_ptr, w_ptr, wb_ptr, b, ch, ok, CH, row, pos, K: tl.constexpr):
+    """silu(the causal conv's output) for channels ch (with ok) of batch row b (xBC's rows `row` apart), and the
+    pointers and value of the new input's slot, pos % K, for the caller to store."""
+    new = tl.load(xBC_ptr + b * row + ch, mask=ok, other=0.0).to(tl.float32)
+    acc = tl.load(wb_ptr + ch, mask=ok, other=0.0).to(tl.float32)
+    acc += tl.load(w_ptr + ch * K + K - 1, mask=ok, other=0.0).to(tl.float32) * new
+    for j in tl.static_range(1, K):  # the input of position pos - j, in slot (pos - j) % K
+        old = tl.load(conv_ptr + (b * CH + ch) * K + (pos + K - j) % K, mask=ok, other=0.0).to(tl.float32)
+        acc += tl.load(w_ptr + ch * K + K - 1 - j, mask=ok, other=0.0).to(tl.float32) * old
+    return acc * tl.sigmoid(acc), conv_ptr + (b * CH + ch) * K + pos % K, new.to(conv_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _ssd_step_kernel(state_ptr, conv_ptr, xBC_ptr, dt_ptr, w_ptr, wb_ptr, A_ptr, D_ptr, bias_ptr, pos_ptr, y_ptr,
+                     H, P, N, xBC_row, dt_row, K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One Mamba-2 step of one (batch row, head) and BLOCK_P of its channels: their (BLOCK_P, N) state in
+    registers. xBC's and dt's rows are xBC_row and dt_row apart (views into in_proj's output).
+    Grid (batch, heads, headdim / BLOCK_P)."""
+    b, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    CH = H * P + 2 * N
+    p, n = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    p_ok, n_ok = p < P, n < N
+    pos = tl.load(pos_ptr)
+    x, x_slot, x_new = _conv_ring(conv_ptr, xBC_ptr, w_ptr, wb_ptr, b, h * P + p, p_ok, CH, xBC_row, pos, K)
+    Bv, B_slot, B_new = _conv_ring(conv_ptr, xBC_ptr, w_ptr, wb_ptr, b, H * P + n, n_ok, CH, xBC_row, pos, K)
+    Cv, C_slot, C_new = _conv_ring(conv_ptr, xBC_ptr, w_ptr, wb_ptr, b, H * P + N + n, n_ok, CH, xBC_row, pos, K)
+    tl.store(x_slot, x_new, mask=p_ok)
+    if (h == 0) & (tl.program_id(2) == 0):  # B and C are every head's: one program writes their new slot
+        tl.store(B_slot, B_new, mask=n_ok)
+        tl.store(C_slot, C_new, mask=n_ok)
+    dt = _softplus(tl.load(dt_ptr + b * dt_row + h).to(tl.float32) + tl.load(bias_ptr + h).to(tl.float32))
+    pn = ((b * H + h) * P + p[:, None]) * N + n[None, :]  # (BP, BN)
+    pn_ok = p_ok[:, None] & n_ok[None, :]
+    s = tl.load(state_ptr + pn, mask=pn_ok, other=0.0)
+    s = s * tl.exp(dt * tl.load(A_ptr + h).to(tl.float32)) + (dt * x)[:, None] * Bv[None, :]
+    tl.store(state_ptr + pn, s, mask=pn_ok)
+    y = tl.sum(s * Cv[None, :], axis=1) + tl.load(D_ptr + h).to(tl.float32) * x
+    tl.store(y_ptr + (b * H + h) * P + p, y.to(y_ptr.dtype.element_ty), mask=p_ok)
+
+
+def ssd_step_triton(state, conv_state, xBC, dt, weight, bias, A, D, dt_bias, pos):
+    """ssd_step_torch as one Triton kernel (CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
+    batch, H, P, N, CH = _check_ssd_step_args(state, conv_state, xBC, dt, weight, bias, A, D, dt_bias, pos)
+    if xBC.stride(-1) != 1 or dt.stride(-1) != 1 or not (weight.is_contiguous() and bias.is_contiguous()):
+        raise ValueError("xBC, dt, weight, bias: the Triton step needs unit stride along their last dimension")
+    y = xBC.new_empty(batch, H * P)
+    BLOCK_P = min(8, triton.next_power_of_2(P))  # (8, 512) state elements at the paper's N; 16 rows spill
+    _ssd_step_kernel[(batch, H, triton.cdiv(P, BLOCK_P))](
+        state, conv_state, xBC, dt, weight, bias, A, D, dt_bias, pos, y, H, P, N, xBC.stride(0), dt.stride(0),
+        K=conv_state.shape[-1], BLOCK_P=BLOCK_P, BLOCK_N=triton.next_power_of_2(N))
+    return y
+
+
+def ssd_step(state, conv_state, xBC, dt, weight, bias, A, D, dt_bias, pos):
+    """One Mamba-2 step (see ssd_step_torch): one Triton kernel on CUDA, PyTorch elsewhere."""
+    step = ssd_step_triton if state.is_cuda else ssd_step_torch
+    return step(state, conv_state, xBC, dt, weight, bias, A, D, dt_bias, pos)

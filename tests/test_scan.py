@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import ssd_by_ref
 
 import bench
@@ -329,6 +330,34 @@ def test_ssd_computes_in_float32_under_autocast():
     torch.testing.assert_close(out, scan.ssd_scan(**inputs, dt_softplus=True, chunk_size=16))
 
 
+SSD_STEP_PATHS = {"torch": scan.ssd_step_torch, "triton": scan.ssd_step_triton}
+
+
+@pytest.mark.parametrize("path", SSD_STEP_PATHS)
+@pytest.mark.parametrize("P", [16, 36])
+def test_ssd_step_continues_the_scan(path, P):
+    """Mamba-2's generation step (the causal conv's ring state, silu, the state update) step by step over 30
+    positions gives the conv and ssd_scan over the whole sequence, in output and last state; the ring wraps
+    around 7 times; headdim 36 leaves a partial tile in the kernel."""
+    g = torch.Generator().manual_seed(0)
+    batch, L, H, N, K = 2, 30, 3, 16, 4
+    CH = H * P + 2 * N
+    xBC, dt = torch.randn(batch, L, CH, generator=g), torch.randn(batch, L, H, generator=g) - 1
+    w, wb = 0.5 * torch.randn(CH, K, generator=g), 0.1 * torch.randn(CH, generator=g)
+    A, D, dt_bias = -4 * torch.rand(H, generator=g) - 0.5, torch.rand(H, generator=g), torch.rand(H, generator=g)
+    u = F.silu(F.conv1d(xBC.transpose(1, 2), w[:, None], wb, padding=K - 1, groups=CH)[..., :L]).transpose(1, 2)
+    y_ref, last_ref = scan.ssd_scan(u[..., :H * P].unflatten(-1, (H, P)), dt, A, u[..., H * P:H * P + N],
+                                    u[..., H * P + N:], D, None, dt_bias, dt_softplus=True, return_last_state=True)
+    dev = SSD_DEVICE[path]
+    state, conv = torch.zeros(batch, H, P, N, device=dev), torch.zeros(batch, CH, K, device=dev)
+    ys = [SSD_STEP_PATHS[path](state, conv, xBC[:, t].to(dev), dt[:, t].to(dev), w.to(dev), wb.to(dev), A.to(dev),
+                               D.to(dev), dt_bias.to(dev), torch.tensor(t, device=dev)) for t in range(L)]
+    torch.testing.assert_close(torch.stack(ys, 1).cpu(), y_ref.flatten(2), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state.cpu(), last_ref, rtol=1e-4, atol=1e-4)
+    slots = torch.arange(L - K, L) % K  # the ring holds the last K inputs, position t in slot t % K
+    torch.testing.assert_close(conv.cpu()[..., slots], xBC[:, L - K:].transpose(1, 2))
+
+
 @pytest.mark.parametrize("change,name", [
     (lambda p: p.update(x=p["x"][0]), "x"), (lambda p: p.update(dt=p["dt"][..., :-1]), "dt"),
     (lambda p: p.update(A=torch.ones(4, 16)), "A"), (lambda p: p.update(B=p["B"][:, None]), "B"),
@@ -415,8 +444,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 def build(kernel, consts, types, launch):
     # pointer types: the input dtype where types says "in", float64 for cdt, float32 for the rest
-    sig = {p: "constexpr" if p in consts else {"in": types["in"], "f64": "*fp64"}.get(types.get(p), "*fp32")
-           if p.endswith("_ptr") else "i32" for p in inspect.signature(kernel.fn).parameters}
+    ptr = {"in": types["in"], "f64": "*fp64", "i64": "*i64"}
+    sig = {p: "constexpr" if p in consts else ptr.get(types.get(p), "*fp32") if p.endswith("_ptr") else "i32"
+           for p in inspect.signature(kernel.fn).parameters}
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
         done = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
@@ -448,8 +478,12 @@ for ptr in ("*fp32", "*bf16"):
         build(kernel, consts, ssd_in, scan.SSD_LAUNCH)
     build(scan._ssd_bc_grad_kernel, dict(tiles, FOR_B=True), dict(ssd_in, u_ptr="in"), scan.SSD_LAUNCH)  # u = x
     build(scan._ssd_bc_grad_kernel, dict(tiles, FOR_B=False), ssd_in, scan.SSD_LAUNCH)  # u = dy, float32
-# one generation step at the paper's d_inner and d_state
+# one generation step at the paper's d_inner and d_state: Mamba-1's per channel, Mamba-2's with the conv
 build(scan._state_update_kernel, dict(FLAGS, BLOCK_D=4, BLOCK_N=512), {"in": "*fp32"}, {})
+for ptr in ("*fp32", "*bf16"):
+    step_in = dict.fromkeys(("conv_ptr", "xBC_ptr", "dt_ptr", "w_ptr", "wb_ptr", "y_ptr"), "in")
+    sig_types = dict(step_in, pos_ptr="i64", **{"in": ptr})
+    build(scan._ssd_step_kernel, dict(K=4, BLOCK_P=8, BLOCK_N=512), sig_types, {})
 """
 H100_SHARED_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
 
@@ -464,7 +498,7 @@ def test_triton_kernels_compile_for_hopper_without_spills():
                        timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     report = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert len(report) == 2 * (2 + 8) + 1
+    assert len(report) == 2 * (2 + 8) + 1 + 2
     print("\n".join(f"{k['kernel']:24} {k['dtype']:6} {k['regs']:4} registers, {k['spill_bytes']} bytes spilled, "
                     f"{k['shared']:7} bytes of shared memory" for k in report))  # shown with pytest -s
     for k in report:
