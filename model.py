@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scan import selective_scan, selective_state_update, ssd_scan
+from scan import causal_conv_step, selective_scan, selective_state_update, ssd_scan, ssd_step
 
 
 @dataclass
@@ -87,8 +87,8 @@ class RMSNorm(nn.Module):
     def forward(self, x, z=None):
         if z is not None:
             x = x * F.silu(z)
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        out = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)  # in float32: one kernel
+        return out.to(torch.promote_types(x.dtype, self.weight.dtype))
 
 
 def sinusoids(start, length, dim, device):
@@ -126,16 +126,11 @@ def _inverse_softplus_dt(n, dt_min=1e-3, dt_max=1e-1, floor=1e-4):
     return dt + torch.log(-torch.expm1(-dt))
 
 
-def _causal_conv_step(conv_state, x, conv):
-    """One step of a causal depthwise conv: shift x (B, C) into conv_state (B, C, d_conv) in place; -> (B, C)."""
-    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
-    conv_state[:, :, -1] = x
-    return (conv_state * conv.weight[:, 0]).sum(-1) + conv.bias
-
-
-def _last_inputs(x, width):
-    """The last `width` steps of x (B, C, L), zero-padded on the left when L < width -> (B, C, width)."""
-    return F.pad(x, (max(0, width - x.shape[-1]), 0))[..., -width:].contiguous()
+def _conv_ring(x, width):
+    """The state of a causal depthwise conv after the L steps of x (B, C, L): the last `width` inputs (zeros before
+    the first), the input of position t in slot t % width, as scan.causal_conv_step keeps them -> (B, C, width)."""
+    last = F.pad(x, (max(0, width - x.shape[-1]), 0))[..., -width:]  # oldest .. newest
+    return torch.roll(last, shifts=x.shape[-1] % width, dims=-1).contiguous()
 
 
 # -----------------------------------------------------------------------------
@@ -175,7 +170,7 @@ class Mamba1(nn.Module):
             return torch.stack([self._step(u[:, :, t], z[:, :, t], cache) for t in range(L)], 1)
         A = -torch.exp(self.A_log.float())  # (d_in, N), fp32 even under autocast
         if cache is not None:
-            cache["conv"] = _last_inputs(u, self.d_conv)  # (B, d_in, d_conv)
+            cache["conv"] = _conv_ring(u, self.d_conv)  # (B, d_in, d_conv)
         u = F.silu(self.conv1d(u)[..., :L])  # causal: drop the right padding
         dt, B, C = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.N, self.N], dim=-1)
         delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, d_in, L); bias added in the scan
@@ -188,7 +183,7 @@ class Mamba1(nn.Module):
 
     def _step(self, u, z, cache):  # u, z: (B, d_in) -> (B, d_model)
         A, D, dt_bias = cache["params"]
-        u = F.silu(_causal_conv_step(cache["conv"], u, self.conv1d))
+        u = F.silu(causal_conv_step(cache["conv"], u, self.conv1d.weight[:, 0], self.conv1d.bias, cache["pos"]))
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.N, self.N], dim=-1)
         y = selective_state_update(cache["ssm"], u, dt @ self.dt_proj.weight.t(), A, B, C, D, z, dt_bias,
                                    dt_softplus=True)
@@ -199,7 +194,7 @@ class Mamba2(nn.Module):
     """Mamba-2 (Dao & Gu 2024): one scalar A and dt per head of `headdim` channels, B and C shared by all
     heads (one group), a causal conv over x, B and C together, and a gated RMSNorm before out_proj.
     Its scan is scan.ssd_scan (chunked matrix products: Triton kernels on CUDA, PyTorch elsewhere); a generation
-    step is Mamba-1's per-channel update with each head's A and dt repeated over its channels."""
+    step is scan.ssd_step (the conv and the state update: one kernel on CUDA)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -223,40 +218,35 @@ class Mamba2(nn.Module):
         self.D.fill_(1.0)
         self.dt_bias.copy_(_inverse_softplus_dt(self.n_heads))
 
-    def _per_channel(self, t):
-        """(..., heads) or (heads,) -> (..., d_in): each head's value repeated over its channels."""
-        return t.repeat_interleave(self.headdim, dim=-1)
-
     def forward(self, x, cache=None):  # x: (B, L, d_model)
         L = x.shape[1]
         z, xBC, dt = self.in_proj(x).split([self.d_in, self.d_in + 2 * self.N, self.n_heads], dim=-1)
         if cache is not None and "ssm" in cache:  # continue from the cached state, one step at a time
-            y = torch.stack([self._step(xBC[:, t], dt[:, t], cache) for t in range(L)], 1)  # (B, L, d_in)
+            y = [self._step(xBC[:, t], dt[:, t], cache) for t in range(L)]
+            y = y[0][:, None] if L == 1 else torch.stack(y, 1)  # (B, L, d_in); one position: no copy
         else:
             xBC = xBC.transpose(1, 2)  # (B, d_in + 2N, L)
             if cache is not None:
-                cache["conv"] = _last_inputs(xBC, self.d_conv)
+                cache["conv"] = _conv_ring(xBC, self.d_conv)
             u, B, C = F.silu(self.conv1d(xBC)[..., :L]).transpose(1, 2).split([self.d_in, self.N, self.N], dim=-1)
             A = -torch.exp(self.A_log.float())  # (heads,); u (B, L, d_in), B and C (B, L, N)
             y = ssd_scan(u.unflatten(-1, (self.n_heads, self.headdim)), dt, A, B, C, self.D.float(), None,
                          self.dt_bias.float(), dt_softplus=True, return_last_state=cache is not None)
-            if cache is not None:  # the step works per channel: each head's A, D and dt bias repeated
-                y, last = y
-                cache["ssm"] = last.flatten(1, 2)  # (B, d_in, N), fp32
-                cache["params"] = (self._per_channel(A)[:, None].expand(self.d_in, self.N),
-                                   self._per_channel(self.D.float()), self._per_channel(self.dt_bias.float()))
+            if cache is not None:
+                y, cache["ssm"] = y  # last state (B, heads, headdim, N), fp32
+                cache["A"] = A  # the same at every step: kept
             y = y.flatten(2)  # (B, L, d_in)
         return self.out_proj(self.norm(y, z))
 
     def _step(self, xBC, dt, cache):  # xBC: (B, d_in + 2N), dt: (B, heads) -> (B, d_in)
-        A, D, dt_bias = cache["params"]
-        u, B, C = F.silu(_causal_conv_step(cache["conv"], xBC, self.conv1d)).split([self.d_in, self.N, self.N], -1)
-        return selective_state_update(cache["ssm"], u, self._per_channel(dt), A, B, C, D, None, dt_bias,
-                                      dt_softplus=True)
+        return ssd_step(cache["ssm"], cache["conv"], xBC, dt, self.conv1d.weight[:, 0], self.conv1d.bias,
+                        cache["A"], self.D, self.dt_bias, cache["pos"])
 
 
 class SelfAttention(nn.Module):
-    """Causal multi-head self-attention; with a cache, keys and values of past positions are kept."""
+    """Causal multi-head self-attention. With a cache: the first call (a prefix, or the first position) sets up
+    key and value buffers for cache["size"] positions; each later call adds one position at cache["n"], a
+    device tensor, and attends to the positions before it through a mask, so the shapes never change."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -267,30 +257,23 @@ class SelfAttention(nn.Module):
     def forward(self, x, cache=None):  # x: (B, L, d)
         Bsz, L, d = x.shape
         q, k, v = (t.view(Bsz, L, self.n_head, -1).transpose(1, 2) for t in self.qkv(x).split(d, dim=-1))
-        past = 0
-        if cache is not None:  # append to the cache; attend to everything in it
-            past = cache.get("n", 0)
-            k, v = _append_kv(cache, k, v)
-        if past and L > 1:
-            raise ValueError("SelfAttention: with a filled cache, feed one position at a time")
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=past == 0 and L > 1)  # (B, H, L, hd)
+        if cache is not None and "k" in cache:  # one more position
+            if L > 1:
+                raise ValueError("SelfAttention: with a filled cache, feed one position at a time")
+            n = cache["n"]
+            cache["k"].index_copy_(2, n.view(1), k)
+            cache["v"].index_copy_(2, n.view(1), v)
+            y = F.scaled_dot_product_attention(q, cache["k"], cache["v"], attn_mask=cache["slots"] <= n)
+            n += 1
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1)  # (B, H, L, hd)
+            if cache is not None:  # room for every position to come
+                for name, t in (("k", k), ("v", v)):
+                    cache[name] = t.new_zeros(*t.shape[:2], cache["size"], t.shape[3])
+                    cache[name][:, :, :L] = t
+                cache["n"] = torch.tensor(L, device=x.device)
+                cache["slots"] = torch.arange(cache["size"], device=x.device)[None]  # (1, size): a mask row
         return self.out_proj(y.transpose(1, 2).reshape(Bsz, L, d))
-
-
-def _append_kv(cache, k, v):
-    """Write k, v (B, H, L, hd) after the cache's n positions (its buffers double when full); return all so far."""
-    n, L = cache.get("n", 0), k.shape[2]
-    if "k" not in cache or n + L > cache["k"].shape[2]:
-        size = max(2 * (n + L), 256)
-        for name, new in (("k", k), ("v", v)):
-            buf = new.new_empty(*new.shape[:2], size, new.shape[3])
-            if n:
-                buf[:, :, :n] = cache[name][:, :, :n]
-            cache[name] = buf
-    cache["k"][:, :, n:n + L] = k
-    cache["v"][:, :, n:n + L] = v
-    cache["n"] = n + L
-    return cache["k"][:, :, :n + L], cache["v"][:, :, :n + L]
 
 
 class CrossAttention(nn.Module):
@@ -432,17 +415,17 @@ class MusicLM(nn.Module):
         memory = torch.cat([t.new_zeros(Bsz, 1, t.shape[-1]), t], dim=1)  # (B, 1+Tt, d)
         return None, memory, torch.cat([mask.new_ones(Bsz, 1), mask], dim=1), 0
 
-    def _embed_codes(self, codes, start):
-        """codes (B, K, S) -> sum of the K embeddings + sinusoidal positions start..start+S-1 -> (B, S, d).
+    def _embed_codes(self, codes, positions):
+        """codes (B, K, S) -> sum of the K embeddings + positions (S, d), their sinusoids -> (B, S, d).
 
         The official code adds positions to the SSM models too; an SSM knows order without them."""
         x = sum(emb(codes[:, k]) for k, emb in enumerate(self.embed))
-        return x + sinusoids(start, codes.shape[-1], x.shape[-1], x.device).to(x.dtype)
+        return x + positions.to(x.dtype)
 
     def forward(self, codes, text, text_mask, targets=None, label_smoothing=0.0):
         S = codes.shape[-1]
         prefix, memory, memory_mask, start = self._embed_text(text, text_mask)
-        x = self._embed_codes(codes, start)  # (B, S, d)
+        x = self._embed_codes(codes, sinusoids(start, S, self.config.d_model, codes.device))  # (B, S, d)
         if prefix is not None:
             x = torch.cat([prefix, x], dim=1)  # (B, Tt + S, d)
         for layer in self.layers:
@@ -457,11 +440,16 @@ class MusicLM(nn.Module):
     # --- generation
 
     @torch.no_grad()
-    def prefill(self, text, text_mask):
-        """Start generation: run the text prefix (prefix models) and return the cache that `step` continues."""
+    def prefill(self, text, text_mask, steps):
+        """Start generating up to `steps` positions: the decoding state, with the text prefix (prefix models) run
+        through it, for `step` to continue. Every tensor in it keeps its shape and place from here on (the
+        position is a device tensor; attention layers get buffers for every position to come), so that a step
+        can be captured in a CUDA graph and replayed."""
         prefix, memory, memory_mask, start = self._embed_text(text, text_mask)
-        cache = {"pos": start, "memory": memory, "memory_mask": memory_mask,
-                 "layers": [{"mixer": {}, "cross": {}} for _ in self.layers]}
+        pos = torch.tensor(start, device=text.device)  # of the next position
+        cache = {"pos": pos, "positions": sinusoids(0, start + steps, self.config.d_model, text.device),
+                 "memory": memory, "memory_mask": memory_mask,
+                 "layers": [{"mixer": {"pos": pos, "size": start + steps}, "cross": {}} for _ in self.layers]}
         if prefix is not None and prefix.shape[1] > 0:
             x = prefix
             for layer, c in zip(self.layers, cache["layers"]):
@@ -470,8 +458,8 @@ class MusicLM(nn.Module):
 
     @torch.no_grad()
     def step(self, tokens, cache):
-        """One position: tokens (B, K) -> logits (B, K, V) for the next position; updates the cache."""
-        x = self._embed_codes(tokens[:, :, None], cache["pos"])  # (B, 1, d)
+        """One position: tokens (B, K) -> logits (B, K, V) for the next position; updates the cache in place."""
+        x = self._embed_codes(tokens[:, :, None], cache["positions"].index_select(0, cache["pos"].view(1)))
         for layer, c in zip(self.layers, cache["layers"]):
             x = layer(x, cache["memory"], cache["memory_mask"], c)
         cache["pos"] += 1
@@ -480,13 +468,14 @@ class MusicLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, text, text_mask, steps, cfg=3.0, temperature=1.0, top_k=250, top_p=0.0, generator=None,
-                 progress=None):
+                 progress=None, cuda_graph=True):
         """Sample `steps` frames of K codebooks for each caption -> codes (B, K, steps).
 
         Classifier-free guidance: the conditional rows and unconditional rows (the caption dropped) run as one
         batch, logits = uncond + cfg * (cond - uncond); cfg=1 runs the conditional rows alone. Each step costs the
-        same for SSM layers (a fixed-size state), so generation can run past the training length.
-        `progress`: an optional callable wrapping the step range (e.g. tqdm).
+        same for SSM layers (a fixed-size state), so generation can run past the training length. On CUDA (unless
+        cuda_graph=False) the step and the guidance are captured in a CUDA graph after the first step and
+        replayed; sampling runs outside it. `progress`: an optional callable wrapping the step range (e.g. tqdm).
         """
         was_training = self.training
         self.eval()
@@ -495,17 +484,23 @@ class MusicLM(nn.Module):
         if cfg != 1.0:
             text = torch.cat([text, torch.zeros_like(text)])
             text_mask = torch.cat([text_mask, torch.zeros_like(text_mask)])
-        cache = self.prefill(text, text_mask)
+        cache = self.prefill(text, text_mask, steps + K)
         seq = torch.full((Bsz, K, steps + K), V, dtype=torch.long, device=text.device)  # delayed; position 0: start
-        k = torch.arange(K, device=text.device)
-        positions = range(1, steps + K)
-        for p in progress(positions) if progress else positions:
-            tokens = seq[:, :, p - 1]
+
+        def guided(tokens):  # (Bsz, K) -> the guided logits for the next position (Bsz, K, V)
             logits = self.step(torch.cat([tokens, tokens]) if cfg != 1.0 else tokens, cache).float()
             if cfg != 1.0:
                 cond, uncond = logits.chunk(2)
                 logits = uncond + cfg * (cond - uncond)
-            sampled = sample_logits(logits, temperature, top_k, top_p, generator)  # (B, K)
+            return logits
+
+        decode = guided
+        k = torch.arange(K, device=text.device)
+        positions = range(1, steps + K)
+        for p in progress(positions) if progress else positions:
+            if p == 2 and cuda_graph and text.is_cuda:  # after one eager step (kernels compiled, buffers made)
+                decode = cuda_graph_of(guided, seq[:, :, 0])
+            sampled = sample_logits(decode(seq[:, :, p - 1]), temperature, top_k, top_p, generator)  # (B, K)
             inside = (p - k - 1 >= 0) & (p - k - 1 < steps)  # which codebooks have a real token at p
             seq[:, :, p] = torch.where(inside, sampled, V)
         self.train(was_training)
@@ -555,6 +550,23 @@ def peak_flops():
     if not torch.cuda.is_available():
         return None
     return next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+
+
+def cuda_graph_of(fn, example):
+    """fn, a function of one CUDA tensor that runs no host code depending on its values, captured once in a CUDA
+    graph -> a function that copies its argument into the captured input, replays the graph and returns the
+    captured output (the same tensor every time: use it before the next call). Capturing records fn's kernels
+    without running them."""
+    given = example.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(given)
+
+    def replay(x):
+        given.copy_(x)
+        graph.replay()
+        return out
+    return replay
 
 
 def codebook_losses(logits, targets, label_smoothing=0.0):

@@ -87,9 +87,74 @@ def test_incremental_decoding_matches_full_pass(name):
     seq, text, mask = batch()
     inputs = seq[:, :, :-1]
     full, _ = m(inputs, text, mask)
-    cache = m.prefill(text, mask)
+    cache = m.prefill(text, mask, inputs.shape[-1])
     steps = torch.stack([m.step(inputs[:, :, p], cache) for p in range(inputs.shape[-1])], dim=2)
     assert (steps - full).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_decoding_state_stays_exact_over_long_generations(name):
+    """150 steps, far more than these tests train on, the convolution's ring state wrapping around 37 times:
+    the static decoding state still gives the full pass's logits (unit-gain weights, so errors would show)."""
+    m = small_model(name, loud=True)
+    seq, text, mask = batch(B=2, T=150)
+    inputs = seq[:, :, :-1]
+    full, _ = m(inputs, text, mask)
+    cache = m.prefill(text, mask, inputs.shape[-1])
+    steps = torch.stack([m.step(inputs[:, :, p], cache) for p in range(inputs.shape[-1])], dim=2)
+    assert (steps - full).abs().max().item() < 1e-3 * full.abs().max().item()
+
+
+def test_decoding_along_the_cuda_path_matches_the_full_pass(monkeypatch):
+    """The Mamba-2 step as CUDA runs it, scan.ssd_step_triton (here in Triton's interpreter), with the arguments
+    the model gives it: the full pass's logits, step by step, across a wrap of the convolution's ring."""
+    monkeypatch.setattr(model, "ssd_step", scan.ssd_step_triton)
+    m = small_model("prefix_simba-mamba2", loud=True)
+    seq, text, mask = batch(B=2, T=7)
+    inputs = seq[:, :, :-1]
+    full, _ = m(inputs, text, mask)
+    cache = m.prefill(text, mask, inputs.shape[-1])
+    steps = torch.stack([m.step(inputs[:, :, p], cache) for p in range(inputs.shape[-1])], dim=2)
+    assert (steps - full).abs().max().item() < 1e-3 * full.abs().max().item()
+
+
+def generate_by_recomputing(m, text, mask, steps, cfg, generator):
+    """What generate() samples, by definition: the full pass over everything written so far, at every step, for
+    the caption and (with guidance) without it; no decoding state."""
+    K = m.config.n_codebooks
+    seq = torch.full((text.shape[0], K, steps + K), V)
+    k = torch.arange(K)
+    for p in range(1, steps + K):
+        logits = m(seq[:, :, :p], text, mask)[0][:, :, -1]
+        if cfg != 1.0:
+            uncond = m(seq[:, :, :p], torch.zeros_like(text), torch.zeros_like(mask))[0][:, :, -1]
+            logits = uncond + cfg * (logits - uncond)
+        inside = (p - k - 1 >= 0) & (p - k - 1 < steps)
+        seq[:, :, p] = torch.where(inside, model.sample_logits(logits, 1.0, 0, 0.0, generator), V)
+    return undelay(seq, V)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+@pytest.mark.parametrize("name", VARIANTS)
+def test_generate_samples_what_the_full_pass_gives(name, cfg):
+    """With the same seed, generate() (decoding state, guidance in one batch) writes the very tokens that sampling
+    from full passes writes, with and without guidance."""
+    m = small_model(name, loud=True)
+    _, text, mask = batch(B=2)
+    cached = m.generate(text, mask, steps=20, cfg=cfg, top_k=0, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(cached, generate_by_recomputing(m, text, mask, 20, cfg, torch.Generator().manual_seed(5)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: CUDA graphs")
+@pytest.mark.parametrize("name", ["prefix_simba-mamba2", "hybrid_cross-mamba2", "prefix_transformer"])
+def test_cuda_graph_generation_matches_eager_on_gpu(name):
+    """generate() replaying each step from a CUDA graph writes the same tokens as running it eagerly."""
+    m = small_model(name, loud=True).cuda()
+    _, text, mask = batch(B=2)
+    text, mask = text.cuda(), mask.cuda()
+    runs = [m.generate(text, mask, steps=40, cfg=3.0, cuda_graph=graph,
+                       generator=torch.Generator("cuda").manual_seed(0)) for graph in (False, True)]
+    assert torch.equal(*runs)
 
 
 @pytest.mark.parametrize("name", VARIANTS)

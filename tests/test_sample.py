@@ -98,7 +98,7 @@ def test_cfg_1_is_the_conditional_model_alone(run_dir, tmp_path, monkeypatch):
     # by hand: the conditional rows only, no unconditional branch anywhere
     g = torch.Generator().manual_seed(3)
     K, V, steps = m.config.n_codebooks, m.config.codebook_size, codes[0].shape[-1]
-    cache = m.prefill(text, mask)
+    cache = m.prefill(text, mask, steps + K)
     seq = torch.full((1, K, steps + K), V)
     for p in range(1, steps + K):
         tok = model.sample_logits(m.step(seq[:, :, p - 1], cache), 1.0, 50, 0.0, g)
