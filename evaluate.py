@@ -57,6 +57,7 @@ gen_per_caption = 2  # generations per val caption for the probe
 cfg = 3.0
 temperature = 1.0
 top_k = 250
+cuda_graph = True  # on CUDA, replay each decoding step from a captured CUDA graph (model.MusicLM.generate)
 # audio
 generated = ""  # a folder of wav files
 reference = ""  # a folder of wav files
@@ -270,7 +271,8 @@ def generated_windows(model, d, frames, with_text):
     for b in tqdm(range(0, len(idx), batch_size), desc=desc, leave=False):
         text, mask = (t.to(device) for t in text_rows(d, idx[b:b + batch_size]))
         codes = model.generate(text, mask if with_text else torch.zeros_like(mask), frames,
-                               cfg=cfg if with_text else 1.0, temperature=temperature, top_k=top_k, generator=gen)
+                               cfg=cfg if with_text else 1.0, temperature=temperature, top_k=top_k, generator=gen,
+                               cuda_graph=cuda_graph)
         tokens.append(codes[:, 0].cpu())
     return torch.cat(tokens)
 

@@ -39,6 +39,7 @@ seed = 1337
 batch_size = 8
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "float32"
+cuda_graph = True  # on CUDA, replay each decoding step from a captured CUDA graph (model.MusicLM.generate)
 overwrite = False
 stage2_dir = ""  # two-stage: a stage-2 diffusion run (train.py configs/stage2_diffusion.py); out_dir is then stage 1
 stage2_steps = 25  # DPM-Solver++ steps
@@ -128,7 +129,8 @@ def main(argv):
         gen = torch.Generator(device).manual_seed(batch_seed)
         t0 = time.time()
         codes = model.generate(text, mask, steps, cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
-                               generator=gen, progress=lambda r: tqdm(r, desc=f"batch {b // batch_size + 1}", leave=False))
+                               generator=gen, cuda_graph=cuda_graph,
+                               progress=lambda r: tqdm(r, desc=f"batch {b // batch_size + 1}", leave=False))
         gen_time = time.time() - t0
         t1 = time.time()
         with torch.no_grad():
