@@ -31,15 +31,17 @@ attention's quadratically.
 
 generate: milliseconds per generated step of prefix_simba and prefix_transformer (configs/, shrunk by
 configs/tiny.py unless --size=paper) at given positions, for one caption with classifier-free guidance
-(a batch of 2 rows): with the caches (the SSM's fixed-size state, attention's KV cache; the median of 100
-steps from each position) and by running
-the whole sequence again at every step, as the paper's official implementation does; and the real-time factor
-of generating 30 s for one caption (compute seconds per second of audio, codec decoding not included).
+(a batch of 2 rows): with the decoding state (the SSM's fixed-size state, attention's KV cache; the median of
+100 steps from each position), run eagerly and, on CUDA, replayed from a CUDA graph; and by running the whole
+sequence again at every step, as the paper's official implementation does. Also the kernels one decoding step
+of a layer launches (CUDA; on CPU the operators that compute, the proxy), and the real-time factor of
+generating 30 s for one caption (compute seconds per second of audio, codec decoding not included).
 
 stage2: seconds of compute per second of audio (batch 1, 10 s): the stage-2 diffusion model at 25 steps, and
 the single-stage LM's cost of writing codebooks 1..3 itself (prefix_simba minus two_stage_simba).
 """
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -451,9 +453,45 @@ def bench_train(device, reps, size, seconds=30.0, multiples=(1, 2, 4), profile=F
 GENERATE_MODELS = ("prefix_simba", "prefix_transformer")
 
 
+# ops that compute nothing (they describe a tensor or a dtype differently): left out of the CPU op count
+VIEW_OPS = {"aten::view", "aten::select", "aten::slice", "aten::split", "aten::split_with_sizes", "aten::chunk",
+            "aten::transpose", "aten::t", "aten::unsqueeze", "aten::squeeze", "aten::expand", "aten::as_strided",
+            "aten::reshape", "aten::unflatten", "aten::flatten", "aten::detach", "aten::alias", "aten::to",
+            "aten::dropout", "aten::lift_fresh", "aten::_unsafe_view", "aten::empty", "aten::empty_strided",
+            "aten::promote_types"}
+
+
+def ops_per_layer_step(m, cache, tokens, device):
+    """Kernels launched by one decoding step of the model's first layer (CUDA), counted with torch.profiler.
+    On CPU, the proxy: the operators it calls that compute (VIEW_OPS left out), with scan.ssd_step, which is one
+    Triton kernel on CUDA (some 20 operators in its PyTorch path), counted as one. The layer's state advances."""
+    x = m._embed_codes(tokens[:, :, None], cache["positions"].index_select(0, cache["pos"].view(1)))
+    layer = functools.partial(m.layers[0], x, cache["memory"], cache["memory_mask"], cache["layers"][0])
+    layer()  # warm-up: kernels compiled before the count
+    if device == "cuda":
+        with torch.profiler.profile() as prof:
+            elapsed(layer, device)
+        return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+
+    def one_op(*args):  # the Mamba-2 step as one event: its operators become its children
+        with torch.profiler.record_function("scan::ssd_step"):
+            return scan.ssd_step(*args)
+    model.ssd_step = one_op
+    try:
+        with torch.profiler.profile() as prof:
+            layer()
+    finally:
+        model.ssd_step = scan.ssd_step
+    return sum(e.cpu_parent is None and e.name not in VIEW_OPS for e in prof.events())
+
+
 @torch.no_grad()
 def bench_generate(device, dtype, reps, size, positions, rtf_seconds=30.0, window=100):
+    """Per model: ms per cached step at the given positions (eager; on CUDA also replayed from a CUDA graph),
+    ms per step when the whole sequence is run again, the ops one decoding step of a layer launches, and the
+    real-time factor of generate() for rtf_seconds (eager and, on CUDA, with graphs)."""
     rows = []
+    graphs = (False, True) if device == "cuda" else (False,)
     for name in GENERATE_MODELS:
         cfg = variant_config(name, size)
         m = model.MusicLM(cfg).to(device, dtype).eval()
@@ -464,20 +502,32 @@ def bench_generate(device, dtype, reps, size, positions, rtf_seconds=30.0, windo
         last = max(positions) + window
         tokens = torch.randint(0, cfg.codebook_size, (2, cfg.n_codebooks, last), generator=g).to(device)
         base = dict(model=name, size=size, params_M=round(m.num_params() / 1e6, 2), dtype=str(dtype)[6:])
-        cache = m.prefill(text, mask)
-        times = [elapsed(lambda: m.step(tokens[:, :, p], cache), device)
-                 for p in tqdm(range(last), desc=f"{name}: cached steps", leave=False)]
-        for pos in positions:  # the median of the `window` steps from pos: single steps are too short to time alone
-            rows.append(dict(base, mode="cache", position=pos, ms_per_step=1e3 * statistics.median(times[pos:pos + window])))
+        for graph in graphs:
+            cache = m.prefill(text, mask, last)
+            step, first = functools.partial(m.step, cache=cache), 0
+            if graph:  # captured after one eager step (position 0), as generate() does
+                step(tokens[:, :, 0])
+                step, first = model.cuda_graph_of(step, tokens[:, :, 0]), 1
+            times = {p: elapsed(functools.partial(step, tokens[:, :, p]), device)
+                     for p in tqdm(range(first, last), desc=f"{name}: cached steps", leave=False)}
+            for pos in positions:  # the median of the `window` steps from pos: single steps are too short to time
+                window_times = [times[p] for p in range(pos, pos + window) if p in times]
+                rows.append(dict(base, mode="cache, CUDA graph" if graph else "cache", position=pos,
+                                 ms_per_step=1e3 * statistics.median(window_times)))
+        cache = m.prefill(text, mask, last)
+        rows.append(dict(base, mode="ops per layer step", position=None, ms_per_step=None,
+                         ops=ops_per_layer_step(m, cache, tokens[:, :, 0], device)))
         for pos in tqdm(positions, desc=f"{name}: recomputed steps", leave=False):
             t = timeit(lambda: m(tokens[:, :, :pos + 1], text, mask), device, reps)
             rows.append(dict(base, mode="recompute", position=pos, ms_per_step=1e3 * t))
         frames = round(rtf_seconds * 75)  # real-time factor: one caption, all of generate() (prefill, sampling, CFG)
-        t = timeit(lambda: m.generate(text[:1], mask[:1], frames, cfg=3.0), device, 1)
-        rows.append(dict(base, mode=f"generate {rtf_seconds:g} s, cfg 3", position=frames,
-                         ms_per_step=1e3 * t / (frames + cfg.n_codebooks - 1), rtf=t / rtf_seconds))
+        for graph in graphs:
+            t = timeit(functools.partial(m.generate, text[:1], mask[:1], frames, cfg=3.0, cuda_graph=graph), device, 1)
+            rows.append(dict(base, mode=f"generate {rtf_seconds:g} s, cfg 3" + (", CUDA graph" if graph else ""),
+                             position=frames, ms_per_step=1e3 * t / (frames + cfg.n_codebooks - 1), rtf=t / rtf_seconds))
     for r in rows:
         r.setdefault("rtf", None)
+        r.setdefault("ops", None)
     return rows
 
 

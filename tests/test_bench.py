@@ -23,9 +23,12 @@ def test_generate_and_stage2_sections_rows():
                                 window=3)
     for name in bench.GENERATE_MODELS:
         mine = [r for r in rows if r["model"] == name]
-        assert [(r["mode"], r["position"]) for r in mine] == [("cache", 5), ("cache", 20), ("recompute", 5),
-                                                             ("recompute", 20), ("generate 0.5 s, cfg 3", 38)]
-        assert all(r["ms_per_step"] > 0 for r in mine) and mine[-1]["rtf"] > 0
+        assert [(r["mode"], r["position"]) for r in mine] == [("cache", 5), ("cache", 20), ("ops per layer step", None),
+                                                             ("recompute", 5), ("recompute", 20),
+                                                             ("generate 0.5 s, cfg 3", 38)]
+        timed = [r for r in mine if r["mode"] != "ops per layer step"]
+        assert all(r["ms_per_step"] > 0 for r in timed) and mine[-1]["rtf"] > 0
+        assert 5 <= mine[2]["ops"] <= 15  # the bound for one layer's step
     parts = bench.bench_stage2("cpu", bench.torch.float32, "tiny", seconds=0.5, steps=2)
     assert len(parts) == 4 and all(p["s_per_audio_s"] > 0 for p in parts[:3])
     assert parts[3]["s_per_audio_s"] == pytest.approx(parts[0]["s_per_audio_s"] - parts[1]["s_per_audio_s"])
