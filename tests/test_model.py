@@ -107,10 +107,12 @@ def test_decoding_state_stays_exact_over_long_generations(name):
 
 def test_decoding_along_the_cuda_path_matches_the_full_pass(monkeypatch):
     """The Mamba-2 step as CUDA runs it, scan.ssd_step_triton (here in Triton's interpreter), with the arguments
-    the model gives it: the full pass's logits, step by step, across a wrap of the convolution's ring."""
+    the model gives it: the full pass's logits, step by step, across a wrap of the convolution's ring. (On the
+    GPU where there is one.)"""
     monkeypatch.setattr(model, "ssd_step", scan.ssd_step_triton)
-    m = small_model("prefix_simba-mamba2", loud=True)
-    seq, text, mask = batch(B=2, T=7)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m = small_model("prefix_simba-mamba2", loud=True).to(dev)
+    seq, text, mask = (t.to(dev) for t in batch(B=2, T=7))
     inputs = seq[:, :, :-1]
     full, _ = m(inputs, text, mask)
     cache = m.prefill(text, mask, inputs.shape[-1])
