@@ -723,8 +723,11 @@ def compare(run_dirs):
     variants = {}
     for name, g in zip(names, groups):
         variants.setdefault(name, []).append(g)
-    def final(g):  # the seeds' mean final val loss
-        return spread([r["log"][-1]["val_loss"] for r in g])[0]
+    def stopped(g):  # the last step of a run that stopped before its max_iters (a diverged loss), else None
+        return next((r["log"][-1]["iter"] for r in g if r["log"][-1]["iter"] < r["config"]["max_iters"]), None)
+
+    def final(g):  # the seeds' mean final val loss; a setting with a run that stopped early never wins
+        return np.inf if stopped(g) is not None else spread([r["log"][-1]["val_loss"] for r in g])[0]
     best = {name: min(gs, key=final) for name, gs in variants.items()}
 
     print("Every setting: the final val loss, mean ± sd over the seeds.\n")
@@ -732,7 +735,7 @@ def compare(run_dirs):
     for name, gs in variants.items():
         gs.sort(key=lambda g: g[0]["config"]["learning_rate"])
         for g in gs:
-            mark = ""
+            mark = "" if stopped(g) is None else f"stopped at step {stopped(g):.0f} of {g[0]['config']['max_iters']}"
             if g is best[name]:
                 mark = "best, at the edge of the grid" if len(gs) > 1 and g in (gs[0], gs[-1]) else "best"
             print(f"| {name} | {g[0]['config']['learning_rate']:.3g} | {len(g)} | {int(g[0]['log'][-1]['iter'])} | "

@@ -4,6 +4,7 @@ here, the comparison table and figure, and the stage-2 section."""
 import csv
 import importlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -246,8 +247,15 @@ def test_runs_group_seeds_and_compare_at_equal_budgets(lm_runs, offline_result, 
     if not seed1.exists():
         r = run_train(data_dir, seed1, "configs/prefix_simba.py", *TINY_LM, "--seed=1")
         assert r.returncode == 0, r.stderr[-2000:]
+    stopped = tmp_path / "transformer_diverged"  # a higher rate whose loss went to nan: it stopped at its first eval
+    shutil.copytree(transformer, stopped)
+    ckpt = torch.load(stopped / "ckpt.pt", weights_only=True)
+    ckpt["config"]["learning_rate"] = 1.0
+    torch.save(ckpt, stopped / "ckpt.pt")
+    lines = (stopped / "log.csv").read_text().splitlines()
+    (stopped / "log.csv").write_text("\n".join(lines[:2]) + "\n")
     png = tmp_path / "runs.png"
-    rows = evaluate.main(["--runs", str(simba), str(transformer), str(seed1), f"--out={png}"])
+    rows = evaluate.main(["--runs", str(simba), str(transformer), str(seed1), str(stopped), f"--out={png}"])
     table = capsys.readouterr().out
     assert [(r["variant"], r["seeds"]) for r in rows] == [("prefix_simba", 2), ("prefix_transformer", 1)]
     assert rows[0]["runs"] == [str(simba), str(seed1)] and all(r["params"] > 0 for r in rows)
@@ -268,6 +276,8 @@ def test_runs_group_seeds_and_compare_at_equal_budgets(lm_runs, offline_result, 
     assert rows[0]["probe"][2] == 1 and rows[1]["probe"] is None  # only the first seed has eval_offline.json
     assert rows[0]["text_gain"][2] == 2  # from eval_offline.json for one seed, from log.csv for the other
     assert table.count("| prefix_simba | 0.003 | 2 |") == 2  # in the table of settings and in the comparison
+    max_iters = ckpt["config"]["max_iters"]
+    assert f"| prefix_transformer | 1 | 1 | 0 | " in table and f"stopped at step 0 of {max_iters} |" in table
     assert f"{np.mean(finals):.4f} ± {np.std(finals, ddof=1):.4f}" in table
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
