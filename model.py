@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scan import causal_conv_step, selective_scan, selective_state_update, ssd_scan, ssd_step
+from scan import causal_conv_step, conv_ring_state, selective_scan, selective_state_update, ssd_scan, ssd_step
 
 
 @dataclass
@@ -126,13 +126,6 @@ def _inverse_softplus_dt(n, dt_min=1e-3, dt_max=1e-1, floor=1e-4):
     return dt + torch.log(-torch.expm1(-dt))
 
 
-def _conv_ring(x, width):
-    """The state of a causal depthwise conv after the L steps of x (B, C, L): the last `width` inputs (zeros before
-    the first), the input of position t in slot t % width, as scan.causal_conv_step keeps them -> (B, C, width)."""
-    last = F.pad(x, (max(0, width - x.shape[-1]), 0))[..., -width:]  # oldest .. newest
-    return torch.roll(last, shifts=x.shape[-1] % width, dims=-1).contiguous()
-
-
 # -----------------------------------------------------------------------------
 # mixers: (B, L, d_model) -> (B, L, d_model). With a cache (a dict), a mixer starts from the state in it
 # (an empty dict: from the beginning) and leaves its state there, so generation can go one step at a time.
@@ -170,7 +163,7 @@ class Mamba1(nn.Module):
             return torch.stack([self._step(u[:, :, t], z[:, :, t], cache) for t in range(L)], 1)
         A = -torch.exp(self.A_log.float())  # (d_in, N), fp32 even under autocast
         if cache is not None:
-            cache["conv"] = _conv_ring(u, self.d_conv)  # (B, d_in, d_conv)
+            cache["conv"] = conv_ring_state(u, self.d_conv)  # (B, d_in, d_conv)
         u = F.silu(self.conv1d(u)[..., :L])  # causal: drop the right padding
         dt, B, C = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.N, self.N], dim=-1)
         delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, d_in, L); bias added in the scan
@@ -227,7 +220,7 @@ class Mamba2(nn.Module):
         else:
             xBC = xBC.transpose(1, 2)  # (B, d_in + 2N, L)
             if cache is not None:
-                cache["conv"] = _conv_ring(xBC, self.d_conv)
+                cache["conv"] = conv_ring_state(xBC, self.d_conv)
             u, B, C = F.silu(self.conv1d(xBC)[..., :L]).transpose(1, 2).split([self.d_in, self.N, self.N], dim=-1)
             A = -torch.exp(self.A_log.float())  # (heads,); u (B, L, d_in), B and C (B, L, N)
             y = ssd_scan(u.unflatten(-1, (self.n_heads, self.headdim)), dt, A, B, C, self.D.float(), None,

@@ -1218,6 +1218,13 @@ def causal_conv_step(conv_state, x, weight, bias, pos):
     return (window * weight).sum(-1) + bias
 
 
+def conv_ring_state(x, width):
+    """The ring state causal_conv_step continues after the L steps of x (B, C, L): the last `width` inputs (zeros
+    before the first), the input of position t in slot t % width -> (B, C, width)."""
+    last = F.pad(x, (max(0, width - x.shape[-1]), 0))[..., -width:]  # oldest .. newest
+    return torch.roll(last, shifts=x.shape[-1] % width, dims=-1).contiguous()
+
+
 def _check_ssd_step_args(state, conv_state, xBC, dt, weight, bias, A, D, dt_bias, pos):
     """Validate a Mamba-2 step (ValueError naming the argument); return (batch, heads, headdim, N, channels)."""
     if not isinstance(state, torch.Tensor) or state.dim() != 4 or state.dtype != torch.float32:
@@ -1257,7 +1264,7 @@ def ssd_step_torch(state, conv_state, xBC, dt, weight, bias, A, D, dt_bias, pos)
 
 
 @triton.jit
-def _conv_ring(conv_ptr, xBC_ptr, w_ptr, wb_ptr, b, ch, ok, CH, row, pos, K: tl.constexpr):
+def _ring_conv_silu(conv_ptr, xBC_ptr, w_ptr, wb_ptr, b, ch, ok, CH, row, pos, K: tl.constexpr):
     """silu(the causal conv's output) for channels ch (with ok) of batch row b (xBC's rows `row` apart), and the
     pointers and value of the new input's slot, pos % K, for the caller to store."""
     new = tl.load(xBC_ptr + b * row + ch, mask=ok, other=0.0).to(tl.float32)
@@ -1280,9 +1287,9 @@ def _ssd_step_kernel(state_ptr, conv_ptr, xBC_ptr, dt_ptr, w_ptr, wb_ptr, A_ptr,
     p, n = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
     p_ok, n_ok = p < P, n < N
     pos = tl.load(pos_ptr)
-    x, x_slot, x_new = _conv_ring(conv_ptr, xBC_ptr, w_ptr, wb_ptr, b, h * P + p, p_ok, CH, xBC_row, pos, K)
-    Bv, B_slot, B_new = _conv_ring(conv_ptr, xBC_ptr, w_ptr, wb_ptr, b, H * P + n, n_ok, CH, xBC_row, pos, K)
-    Cv, C_slot, C_new = _conv_ring(conv_ptr, xBC_ptr, w_ptr, wb_ptr, b, H * P + N + n, n_ok, CH, xBC_row, pos, K)
+    x, x_slot, x_new = _ring_conv_silu(conv_ptr, xBC_ptr, w_ptr, wb_ptr, b, h * P + p, p_ok, CH, xBC_row, pos, K)
+    Bv, B_slot, B_new = _ring_conv_silu(conv_ptr, xBC_ptr, w_ptr, wb_ptr, b, H * P + n, n_ok, CH, xBC_row, pos, K)
+    Cv, C_slot, C_new = _ring_conv_silu(conv_ptr, xBC_ptr, w_ptr, wb_ptr, b, H * P + N + n, n_ok, CH, xBC_row, pos, K)
     tl.store(x_slot, x_new, mask=p_ok)
     if (h == 0) & (tl.program_id(2) == 0):  # B and C are every head's: one program writes their new slot
         tl.store(B_slot, B_new, mask=n_ok)
