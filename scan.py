@@ -721,12 +721,12 @@ def _ssd_chunks(x, dt, A, B, C, D, z, dt_bias, dt_softplus, Q, initial_state):
         # (3) each chunk's input to the state, then the states entering the chunks, one chunk at a time
         w = torch.exp(A * (cdt[:, :, -1:] - cdt).to(f))[..., None]  # (b, c, Q, h, 1): decay to the chunk's end
         S = (xdt * w).flatten(3).transpose(-1, -2) @ Bc  # (b, c, h * P, N)
-        H = x.new_zeros(batch, nc + 1, h * P, N, dtype=f)  # H[:, c] enters chunk c; H[:, nc] is the last state
-        if initial_state is not None:
-            H[:, 0] = initial_state.to(f).reshape(batch, h * P, N)
         chunk_decay = torch.exp(A * cdt[:, :, -1].to(f))[..., None, None]  # (b, c, h, 1, 1)
-        for c in range(nc):
-            H[:, c + 1] = (H[:, c].unflatten(1, (h, P)) * chunk_decay[:, c]).flatten(1, 2) + S[:, c]
+        H = [x.new_zeros(batch, h * P, N, dtype=f) if initial_state is None
+             else initial_state.to(f).reshape(batch, h * P, N)]
+        for c in range(nc):  # new tensors, not writes into one: autograd keeps each state it needs once
+            H.append((H[-1].unflatten(1, (h, P)) * chunk_decay[:, c]).flatten(1, 2) + S[:, c])
+        H = torch.stack(H, 1)  # (b, c + 1, h * P, N): H[:, c] enters chunk c; H[:, nc] is the last state
         # (2) from the state entering each chunk
         y = y + (Cc @ H[:, :nc].transpose(-1, -2)).unflatten(-1, (h, P)) * torch.exp(A * cdt.to(f))[..., None]
         y = y.flatten(1, 2)[:, :L]  # (b, L, h, P)
