@@ -713,10 +713,10 @@ def show(s, f=".4f"):
 
 
 def compare(run_dirs):
-    """Group the runs' seeds; per variant, pick the learning rate with the lowest mean final val loss and compare
-    the variants there at equal steps, equal training FLOPs and equal training wall-clock (the least that every
-    variant reached), with the text gain and the probe. Prints two Markdown tables, draws the curves with their
-    spread, returns the per-variant rows."""
+    """Group the runs' seeds; per variant, pick the learning rate with the lowest mean final val loss (over the seeds
+    that every rate has, as sweep.py picks) and compare the variants there at equal steps, equal training FLOPs and
+    equal training wall-clock (the least that every variant reached), with the text gain and the probe. Prints two
+    Markdown tables, draws the curves with their spread, returns the per-variant rows."""
     groups = group_runs([run_summary(r) for r in run_dirs])
     settings = [{k: v for k, v in g[0]["config"].items() if k not in SEED_KEYS + ("learning_rate",)} for g in groups]
     names = variant_names(settings)
@@ -726,9 +726,15 @@ def compare(run_dirs):
     def stopped(g):  # the last step of a run that stopped before its max_iters (a diverged loss), else None
         return next((r["log"][-1]["iter"] for r in g if r["log"][-1]["iter"] < r["config"]["max_iters"]), None)
 
-    def final(g):  # the seeds' mean final val loss; a setting with a run that stopped early never wins
-        return np.inf if stopped(g) is not None else spread([r["log"][-1]["val_loss"] for r in g])[0]
-    best = {name: min(gs, key=final) for name, gs in variants.items()}
+    def final(g, shared):  # the mean final val loss over the seeds shared by every setting of the variant (seed 0
+        # in a sweep: extra seeds at one rate do not decide between rates); a setting with a stopped run never wins
+        runs = [r for r in g if r["config"]["seed"] in shared] or g
+        return np.inf if stopped(g) is not None else spread([r["log"][-1]["val_loss"] for r in runs])[0]
+
+    best = {}
+    for name, gs in variants.items():
+        shared = set.intersection(*({r["config"]["seed"] for r in g} for g in gs))
+        best[name] = min(gs, key=lambda g: final(g, shared))
 
     print("Every setting: the final val loss, mean ± sd over the seeds.\n")
     print("| variant | learning rate | seeds | steps | final val loss | |\n|---|---|---|---|---|---|")

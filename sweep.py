@@ -7,7 +7,8 @@ Every run is `train.py configs/<variant>.py configs/tiny.py --learning_rate=<lr>
 steps, batch and schedule for every variant; only the variant, the learning rate and the seed change.
 1. Each variant trains at every rate of `learning_rates` (seed 0). Where its best final val loss sits at the
    edge of the grid, the grid grows by one rate on that side (`lr_step` apart), up to `max_widen` times.
-2. Each variant's best rate trains again with seeds 1 .. seeds-1.
+2. Each variant's best rate trains again with seeds 1 .. seeds-1. Where one of them stops early (its loss diverged),
+   that rate is dropped and the next-best one gets the seeds instead.
 3. evaluate.py's offline section (val NLL, text gain, the text-adherence probe) on every run at a best rate.
 4. `evaluate.py --runs` on all runs: the seeds of a setting grouped, each variant at its best rate compared at
    equal steps, FLOPs and wall-clock, in out_root/compare.md and out_root/compare.png.
@@ -95,9 +96,9 @@ def run_all(tasks, desc):
         return [f.result() for f in futures]
 
 
-def best_rates():
-    """Step 1: train every variant over its grid, growing the grid while the best rate is at its edge
-    -> {variant: best learning rate}."""
+def grids_of_rates():
+    """Step 1: train every variant over its grid (seed 0), growing the grid while the best rate is at its edge
+    -> {variant: [learning rates]}."""
     grids = {v: sorted(learning_rates) for v in variants}
     widened = dict.fromkeys(variants, 0)
     todo = [(v, lr) for v in variants for lr in grids[v]]
@@ -112,13 +113,19 @@ def best_rates():
                 grids[v] = sorted(grids[v] + [lr])
                 widened[v] += 1
                 todo.append((v, lr))
-    best = {}
-    for v in variants:
-        losses = [final_val_loss(run_dir(v, lr, 0)) for lr in grids[v]]
-        best[v] = grids[v][losses.index(min(losses))]
-        edge = " (at the edge of its grid)" if best[v] in (grids[v][0], grids[v][-1]) else ""
-        print(f"sweep.py: {v}: best learning rate {best[v]:.3g}{edge}; final val loss by rate: "
-              + ", ".join(f"{lr:.3g}: {x:.4f}" for lr, x in zip(grids[v], losses)))
+    return grids
+
+
+def best_rate(v, grid, unstable):
+    """A variant's best rate: the lowest seed-0 final val loss among the rates where no seed stopped early (evaluate.py
+    --runs ranks settings the same way: by the seeds all of them share, a setting with a stopped run never best)."""
+    losses = [final_val_loss(run_dir(v, lr, 0)) if lr not in unstable else float("inf") for lr in grid]
+    if min(losses) == float("inf"):
+        sys.exit(f"sweep.py: {v}: no learning rate of {grid} finished every seed; see the train.log files in {out_root}")
+    best = grid[losses.index(min(losses))]
+    edge = " (at the edge of its grid)" if best in (grid[0], grid[-1]) else ""
+    print(f"sweep.py: {v}: best learning rate {best:.3g}{edge}; final val loss by rate (seed 0): "
+          + ", ".join(f"{lr:.3g}: {x:.4f}" for lr, x in zip(grid, losses)))
     return best
 
 
@@ -140,9 +147,18 @@ def main(argv):
     for v in variants:
         if not os.path.exists(f"configs/{v}.py"):
             sys.exit(f"sweep.py: variants: no config file configs/{v}.py")
-    best = best_rates()
-    runs = run_all([(train, v, best[v], s) for v in variants for s in range(1, seeds)], "sweep: seeds")
-    runs = [run_dir(v, best[v], 0) for v in variants] + runs
+    grids = grids_of_rates()
+    unstable = {v: set() for v in variants}  # rates where a seed stopped early (its loss diverged)
+    while True:  # step 2, moving to the next-best rate where a seed at the best one diverged
+        best = {v: best_rate(v, grids[v], unstable[v]) for v in variants}
+        run_all([(train, v, best[v], s) for v in variants for s in range(1, seeds)], "sweep: seeds")
+        runs = [run_dir(v, best[v], s) for v in variants for s in range(seeds)]
+        stopped = [(v, best[v]) for v in variants if not all(finished(run_dir(v, best[v], s)) for s in range(seeds))]
+        for v, lr in stopped:
+            print(f"sweep.py: {v}: a seed at learning rate {lr:.3g} stopped early; trying the next-best rate")
+            unstable[v].add(lr)
+        if not stopped:
+            break
     run_all([(evaluate_offline, r) for r in runs if finished(r)], "sweep: offline evaluation")
     every_run = sorted(os.path.join(out_root, d) for d in os.listdir(out_root)
                        if os.path.exists(os.path.join(out_root, d, "ckpt.pt")))

@@ -241,12 +241,17 @@ def log_rows(run):
         return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f)]
 
 
-def test_runs_group_seeds_and_compare_at_equal_budgets(lm_runs, offline_result, data_dir, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def simba_seed1(data_dir):
+    """lm_runs' Prefix SiMBA again with seed 1."""
+    r = run_train(data_dir, data_dir / "prefix_simba_seed1", "configs/prefix_simba.py", *TINY_LM, "--seed=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return data_dir / "prefix_simba_seed1"
+
+
+def test_runs_group_seeds_and_compare_at_equal_budgets(lm_runs, offline_result, simba_seed1, tmp_path, capsys):
     simba, transformer = lm_runs
-    seed1 = data_dir / "prefix_simba_seed1"
-    if not seed1.exists():
-        r = run_train(data_dir, seed1, "configs/prefix_simba.py", *TINY_LM, "--seed=1")
-        assert r.returncode == 0, r.stderr[-2000:]
+    seed1 = simba_seed1
     stopped = tmp_path / "transformer_diverged"  # a higher rate whose loss went to nan: it stopped at its first eval
     shutil.copytree(transformer, stopped)
     ckpt = torch.load(stopped / "ckpt.pt", weights_only=True)
@@ -280,6 +285,41 @@ def test_runs_group_seeds_and_compare_at_equal_budgets(lm_runs, offline_result, 
     assert f"| prefix_transformer | 1 | 1 | 0 | " in table and f"stopped at step 0 of {max_iters} |" in table
     assert f"{np.mean(finals):.4f} ± {np.std(finals, ddof=1):.4f}" in table
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def fake_rate(run, dest, learning_rate, final_val_loss):
+    """A copy of a run as if trained at another rate, its last val loss set (the ranking reads only the log)."""
+    shutil.copytree(run, dest)
+    ckpt = torch.load(dest / "ckpt.pt", weights_only=True)
+    ckpt["config"]["learning_rate"] = learning_rate
+    torch.save(ckpt, dest / "ckpt.pt")
+    rows = list(csv.DictReader(open(dest / "log.csv")))
+    rows[-1]["val_loss"] = repr(final_val_loss)
+    with open(dest / "log.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_runs_rank_rates_by_the_seeds_every_rate_has(lm_runs, simba_seed1, tmp_path, capsys):
+    """As in a sweep: seed 0 at every rate, more seeds at one. Rates are ranked by the shared seed, so a worse extra
+    seed cannot hand the win to a rate with fewer seeds; a rate where a seed diverged never wins."""
+    simba, seed1 = lm_runs[0], simba_seed1
+    shared, extra = log_rows(simba)[-1]["val_loss"], log_rows(seed1)[-1]["val_loss"]
+    if extra < shared:  # the ranking must differ from the all-seed mean's: the extra seed is the worse one
+        simba, seed1, shared, extra = seed1, simba, extra, shared
+    between = (shared + (shared + extra) / 2) / 2  # above the shared seed, below the mean of both seeds
+    fake_rate(simba, tmp_path / "other_rate", 1e-2, between)
+    rows = evaluate.main(["--runs", str(simba), str(seed1), str(tmp_path / "other_rate"), f"--out={tmp_path / 'a.png'}"])
+    assert (rows[0]["learning_rate"], rows[0]["seeds"]) == (3e-3, 2)
+    # the same but the lower rate's extra seed stopped early (diverged): the other rate wins
+    fake_rate(seed1, tmp_path / "diverged", 3e-3, float("nan"))
+    lines = (tmp_path / "diverged" / "log.csv").read_text().splitlines()
+    (tmp_path / "diverged" / "log.csv").write_text("\n".join(lines[:2]) + "\n")
+    rows = evaluate.main(["--runs", str(simba), str(tmp_path / "diverged"), str(tmp_path / "other_rate"),
+                          f"--out={tmp_path / 'b.png'}"])
+    assert (rows[0]["learning_rate"], rows[0]["seeds"]) == (1e-2, 1)
+    capsys.readouterr()
 
 
 def test_probe_reads_attributes_from_real_tokens_and_not_from_shuffled_ones(tmp_path):
