@@ -44,6 +44,8 @@ from prepare import atomic_write, read_captions, read_split, text_rows
 # -----------------------------------------------------------------------------
 section = "offline"  # offline | audio | stage2 (--runs compares runs)
 out_dir = ""  # a train.py run: offline; audio with --prompts_file
+ckpt = "best"  # which checkpoint of the run: best (best.pt where it exists, else the latest) | last (ckpt.pt) | a file
+ema = True  # the run's EMA weights where it kept them (train.py ema_decay); False: the raw weights
 data_dir = ""  # default: where the checkpoint's training data was
 split = "val"
 seed = 0
@@ -82,16 +84,16 @@ def save_json(result, path):
 
 
 def load_model(run_dir, kind):
-    """-> (model on device, checkpoint): kind is "lm" or "stage2"."""
+    """-> (model on device, checkpoint): kind is "lm" or "stage2"; the checkpoint and weights that ckpt and ema say."""
     try:
-        model, ckpt = load_run(run_dir, kind)
+        model, checkpoint = load_run(run_dir, kind, ckpt, ema)
     except ValueError as e:
         sys.exit(f"evaluate.py: {e}; set {'--stage2_dir' if kind == 'stage2' else '--out_dir'}")
-    return model.to(device), ckpt
+    return model.to(device), checkpoint
 
 
-def data_root(ckpt):
-    config = ckpt["config"]
+def data_root(checkpoint):
+    config = checkpoint["config"]
     return os.path.join(data_dir or config["data_dir"], config["dataset"])
 
 
@@ -278,13 +280,13 @@ def generated_windows(model, d, frames, with_text):
 
 
 def evaluate_offline():
-    model, ckpt = load_model(out_dir, "lm")
-    root, meta = data_root(ckpt), ckpt["data_meta"]
+    model, checkpoint = load_model(out_dir, "lm")
+    root, meta = data_root(checkpoint), checkpoint["data_meta"]
     d = read_split(root, split, meta)
-    nll, nll_notext = val_nll(model, d, ckpt["config"]["seq_len"])
+    nll, nll_notext = val_nll(model, d, checkpoint["config"]["seq_len"])
     second = round(meta["codec"]["frame_rate"])
-    first, first_notext = val_nll(model, d, ckpt["config"]["seq_len"], first=second)
-    result = dict(section="offline", checkpoint=os.path.join(out_dir, "ckpt.pt"), iter_num=ckpt["iter_num"],
+    first, first_notext = val_nll(model, d, checkpoint["config"]["seq_len"], first=second)
+    result = dict(section="offline", checkpoint=checkpoint["path"], iter_num=checkpoint["iter_num"],
                   split=split, nll=nll.mean().item(), nll_notext=nll_notext.mean().item(),
                   text_gain=(nll_notext - nll).mean().item(), nll_per_codebook=[round(x, 4) for x in nll.tolist()],
                   text_gain_per_codebook=[round(x, 4) for x in (nll_notext - nll).tolist()],
@@ -537,8 +539,9 @@ def evaluate_audio():
     if prompts_file:  # generate first, with sample.py's own code
         import sample
         gen_dir = os.path.join(out_dir, "samples_eval")
-        sample.main([f"--out_dir={out_dir}", f"--prompts_file={prompts_file}", f"--samples_dir={gen_dir}",
-                     f"--seconds={seconds}", f"--seed={seed}", f"--device={device}", "--overwrite=True"])
+        sample.main([f"--out_dir={out_dir}", f"--ckpt={ckpt}", f"--ema={ema}", f"--prompts_file={prompts_file}",
+                     f"--samples_dir={gen_dir}", f"--seconds={seconds}", f"--seed={seed}", f"--device={device}",
+                     "--overwrite=True"])
     if not gen_dir or not reference:
         sys.exit("evaluate.py: the audio section needs --generated=DIR (or --out_dir with --prompts_file) and --reference=DIR")
     gen_files, ref_files = wav_files(gen_dir, "generated"), wav_files(reference, "reference")
@@ -589,12 +592,12 @@ def print_audio(r):
 # stage 2: codebooks 1..K-1 restored from codebook 0
 
 
-def val_codes(ckpt, frames):
+def val_codes(checkpoint, frames):
     """The first `frames` frames of up to `clips` val clips: (n, K, frames), all stored codebooks."""
-    d = read_split(data_root(ckpt), split, ckpt["data_meta"])
+    d = read_split(data_root(checkpoint), split, checkpoint["data_meta"])
     picked = [(o, n) for o, n in d["clips"].tolist() if n >= frames][:clips]
     if not picked:
-        sys.exit(f"evaluate.py: no {split} clip in {data_root(ckpt)} is {seconds} s long; lower --seconds")
+        sys.exit(f"evaluate.py: no {split} clip in {data_root(checkpoint)} is {seconds} s long; lower --seconds")
     return torch.stack([torch.from_numpy(d["codes"][:, o:o + frames].astype(np.int64)) for o, _ in picked])
 
 
@@ -610,17 +613,17 @@ def scores(model, latent, truth):
 
 
 def evaluate_stage2():
-    model, ckpt = load_model(stage2_dir, "stage2")
-    truth = val_codes(ckpt, round(seconds * ckpt["data_meta"]["codec"]["frame_rate"])).to(device)  # (n, K, T)
+    model, checkpoint = load_model(stage2_dir, "stage2")
+    truth = val_codes(checkpoint, round(seconds * checkpoint["data_meta"]["codec"]["frame_rate"])).to(device)  # (n, K, T)
     rows = [dict(method="codebook 0 only (no stage 2)", **scores(model, model.latent(truth[:, :1]), truth))]
     for temp in stage2_temperatures:
         t0 = time.time()
         latent = model.sample(truth[:, 0], stage2_steps, temperature=temp, generator=torch.Generator().manual_seed(seed))
         rows.append(dict(method=f"stage 2, {stage2_steps} steps, temperature {temp:g}", **scores(model, latent, truth),
                          seconds_per_audio_second=(time.time() - t0) / (len(truth) * seconds)))
-    return dict(section="stage2", checkpoint=os.path.join(stage2_dir, "ckpt.pt"), iter_num=ckpt["iter_num"],
+    return dict(section="stage2", checkpoint=checkpoint["path"], iter_num=checkpoint["iter_num"],
                 split=split, clips=len(truth), seconds=seconds, device=device,
-                codec_pretrained=ckpt["data_meta"]["codec"]["pretrained"], rows=rows)
+                codec_pretrained=checkpoint["data_meta"]["codec"]["pretrained"], rows=rows)
 
 
 def print_stage2(r):
@@ -650,7 +653,7 @@ SEED_KEYS = ("seed", "out_dir", "init_from", "log_interval")  # config keys that
 def run_summary(run):
     """What one run's checkpoint, log.csv and eval_*.json files say."""
     try:
-        model, ckpt = load_run(run)
+        model, checkpoint = load_run(run, which="last")  # the run as it stands: its config, its size
     except ValueError as e:
         sys.exit(f"evaluate.py: {e}; --runs takes train.py out_dirs")
     log = [r for r in read_log(run) if "val_loss" in r]
@@ -662,7 +665,7 @@ def run_summary(run):
         if os.path.exists(p):
             evals.update(json.load(open(p)))
     speeds = [r["tokens_per_s"] for r in log if "tokens_per_s" in r]
-    return dict(run=run, config=ckpt["config"], params=model.num_params(), log=log,
+    return dict(run=run, config=checkpoint["config"], params=model.num_params(), log=log,
                 tokens_per_s=float(np.median(speeds)) if speeds else None,
                 text_gain=evals.get("text_gain", log[-1].get("text_gain")),
                 text_gain_first_second=evals.get("text_gain_first_second"), probe=evals.get("probe_generated_mean"),

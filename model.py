@@ -708,22 +708,39 @@ class Stage2Diffusion(nn.Module):
         return torch.stack(codes, 1)
 
 
-def load_run(run_dir, kind=None):
-    """A train.py run's model: run_dir/ckpt.pt -> (model on the CPU, in eval mode, the checkpoint dict).
+def checkpoint_file(run, which="best"):
+    """Which checkpoint file a script reads. run: a train.py out_dir, or a checkpoint file (taken as it is).
+    which: "best" (run/best.pt, the lowest val loss, where the run has one; else the latest), "last" (run/ckpt.pt,
+    the latest) or a file's path. Raises ValueError with a one-line message where there is none."""
+    if os.path.isfile(run):
+        return run
+    if which not in ("best", "last"):
+        if not os.path.isfile(which):
+            raise ValueError(f"no checkpoint file {which} (expected last, best or a checkpoint file)")
+        return which
+    best, last = os.path.join(run, "best.pt"), os.path.join(run, "ckpt.pt")
+    path = best if which == "best" and os.path.isfile(best) else last
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}")
+    return path
+
+
+def load_run(run_dir, kind=None, which="best", ema=True):
+    """A train.py run's model -> (model on the CPU, in eval mode, the checkpoint dict). which: the checkpoint
+    (checkpoint_file); ema=True takes the run's exponential moving average of the weights where it kept one.
 
     The model is the LM, or the stage-2 diffusion model where the run had model_type = "stage2"; kind ("lm" or
     "stage2") says which the caller needs. A missing or unreadable file, or the other kind of model, raises
     ValueError with a one-line message for the calling script to print."""
-    path = os.path.join(run_dir, "ckpt.pt")
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint at {path}")
+    path = checkpoint_file(run_dir, which)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         args, stage2 = ckpt["model_args"], ckpt["config"].get("model_type") == "stage2"
         model = Stage2Diffusion(Stage2Config(**args)) if stage2 else MusicLM(ModelConfig(**args))
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"])
     except Exception as e:
         raise ValueError(f"cannot read the checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
     if kind is not None and kind != ("stage2" if stage2 else "lm"):
         raise ValueError(f"{path} holds {'a stage-2 diffusion model' if stage2 else 'a language model'}")
+    ckpt["path"] = path
     return model.eval(), ckpt

@@ -25,7 +25,9 @@ from model import load_run
 from prepare import atomic_write, load_dataset_codec, load_text_encoder, read_captions
 
 # -----------------------------------------------------------------------------
-out_dir = "out"  # the training run: reads out_dir/ckpt.pt
+out_dir = "out"  # the training run
+ckpt = "best"  # which of its checkpoints: best (best.pt where it exists, else the latest) | last (ckpt.pt) | a file
+ema = True  # the run's EMA weights where it kept them (train.py ema_decay); False: the raw weights
 samples_dir = ""  # default: out_dir/samples
 prompt = ""
 prompts_file = ""  # one prompt per line, or a CSV/JSON/JSONL caption file as prepare.py reads
@@ -73,16 +75,16 @@ def slug(text, n=48):
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n].strip("-") or "prompt"
 
 
-def load_model(run_dir, device, dtype, stage2=False):
+def load_model(run_dir, device, dtype, stage2=False, which="best"):
     """-> (model, checkpoint without its weights): the LM, or with stage2=True the stage-2 diffusion model."""
     try:
-        model, ckpt = load_run(run_dir, "stage2" if stage2 else "lm")
+        model, checkpoint = load_run(run_dir, "stage2" if stage2 else "lm", which, ema)
     except ValueError as e:
         sys.exit(f"sample.py: {e}; set {'--stage2_dir' if stage2 else '--out_dir'} to a train.py out_dir "
                  f"{'of configs/stage2_diffusion.py' if stage2 else 'of a language model'}")
-    ckpt.pop("model")
-    ckpt.pop("optimizer", None)
-    return model.to(device, getattr(torch, dtype)), ckpt
+    for key in ("model", "ema", "optimizer"):
+        checkpoint.pop(key, None)
+    return model.to(device, getattr(torch, dtype)), checkpoint
 
 
 def write_wav(path, wav, sample_rate):
@@ -95,8 +97,8 @@ def main(argv):
     if seconds <= 0:
         sys.exit(f"sample.py: --seconds={seconds} must be positive")
     prompts = read_prompts(prompt, prompts_file)
-    model, ckpt = load_model(out_dir, device, dtype)
-    data_meta = ckpt["data_meta"]
+    model, checkpoint = load_model(out_dir, device, dtype, which=ckpt)
+    data_meta = checkpoint["data_meta"]
     stage2 = None
     if stage2_dir:
         stage2, _ = load_model(stage2_dir, device, "float32", stage2=True)
@@ -115,7 +117,8 @@ def main(argv):
               "like music", file=sys.stderr)
 
     embed, _ = load_text_encoder(data_meta["text_encoder"]["name"], device)
-    codec = load_dataset_codec(data_meta["codec"], os.path.join(ckpt["config"]["data_dir"], ckpt["config"]["dataset"]), device)
+    trained_on = os.path.join(checkpoint["config"]["data_dir"], checkpoint["config"]["dataset"])
+    codec = load_dataset_codec(data_meta["codec"], trained_on, device)
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p, dtype=dtype,
                     stage2_dir=stage2_dir or None, stage2_steps=stage2_steps if stage2_dir else None,
@@ -148,8 +151,8 @@ def main(argv):
         for i, ((p, n, path), wav) in enumerate(zip(batch, wavs)):
             write_wav(path, wav, sr)
             row = dict(file=path.name, prompt=p, sample=n, seed=batch_seed, row_in_batch=i,
-                       seconds=len(wav) / sr, generation_seconds=gen_time / len(batch), checkpoint=os.path.join(out_dir, "ckpt.pt"),
-                       iter_num=ckpt["iter_num"], codec_pretrained=data_meta["codec"]["pretrained"], **settings)
+                       seconds=len(wav) / sr, generation_seconds=gen_time / len(batch), checkpoint=checkpoint["path"],
+                       iter_num=checkpoint["iter_num"], codec_pretrained=data_meta["codec"]["pretrained"], **settings)
             with open(out / "index.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
     print(f"sample.py: wrote {len(jobs)} files to {out}")

@@ -4,14 +4,17 @@
     python train.py configs/prefix_simba.py configs/tiny.py        # a tiny model on a laptop CPU
     torchrun --standalone --nproc_per_node=8 train.py configs/prefix_simba.py
     python train.py configs/prefix_simba.py --init_from=resume     # continue exactly where it stopped
+    python train.py configs/prefix_simba.py --init_from=out-base --dataset=mine --out_dir=out-mine   # fine-tune
 
 Data: data/<dataset>/ as prepare.py writes it. Each training example is a random clip, a random crop of
 seq_len frames (padded with the special token), its first n_codebooks codebooks in the delay pattern, and
 the clip's caption embedding; the caption is dropped whole (caption_dropout) or token by token
 (word_dropout) so that one model serves classifier-free guidance. Every eval_interval: the val loss with the
 caption and without it (their difference, the text gain, shows the model listens to the text), one row in
-out_dir/log.csv, and out_dir/ckpt.pt (written atomically, with the RNG states, so resume is exact).
+out_dir/log.csv, and out_dir/ckpt.pt (written atomically, with the RNG states, so resume is exact); best.pt too
+when the val loss is the lowest so far, and ckpt_<iter>.pt every keep_every iterations.
 """
+import copy
 import csv
 import json
 import math
@@ -27,13 +30,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
-from model import ModelConfig, MusicLM, Stage2Config, Stage2Diffusion, codebook_losses, delay, peak_flops
+from model import (ModelConfig, MusicLM, Stage2Config, Stage2Diffusion, checkpoint_file, codebook_losses, delay,
+                   peak_flops)
 from prepare import atomic_write, load_dataset_codec, read_split, text_rows
 
 # -----------------------------------------------------------------------------
 # defaults; the paper's training settings (DESIGN.md, from the official code) where it has them
 out_dir = "out"
-init_from = "scratch"  # scratch | resume
+init_from = "scratch"  # scratch | resume (out_dir/ckpt.pt) | a run dir or checkpoint file whose weights start a new run
+keep_every = 0  # also keep out_dir/ckpt_<iter>.pt every keep_every iterations (0: only ckpt.pt and best.pt)
+ema_decay = 0.0  # an exponential moving average of the weights, used by eval, sample.py and evaluate.py (0: off)
 dataset = "synth"  # data/<dataset>, written by prepare.py
 data_dir = "data"
 eval_interval = 500
@@ -80,7 +86,8 @@ lr_decay_iters = 100_000
 min_lr_ratio = 0.005
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype on CUDA; CPU runs float32
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype on CUDA (float16: with a gradient
+# scaler, for GPUs without bfloat16); CPU runs float32
 compile = False
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:], "train.py")
@@ -116,6 +123,11 @@ meta = json.load(open(os.path.join(root, "meta.json")))
 codec, text_meta = meta["codec"], meta["text_encoder"]
 if model_type not in ("lm", "stage2"):
     sys.exit(f"train.py: model_type={model_type!r}: expected 'lm' or 'stage2'")
+if keep_every % eval_interval:
+    sys.exit(f"train.py: keep_every={keep_every} must be a multiple of eval_interval={eval_interval} "
+             "(checkpoints are written at evals)")
+if not 0 <= ema_decay < 1:
+    sys.exit(f"train.py: ema_decay={ema_decay} must be in [0, 1) (0: no EMA; 0.999 is usual)")
 if n_codebooks > codec["n_codebooks"]:
     sys.exit(f"train.py: n_codebooks={n_codebooks} but {root} stores {codec['n_codebooks']}")
 if codebook_size != codec["codebook_size"]:
@@ -171,7 +183,7 @@ else:
     model_args = dict(unet_channels=unet_channels, train_timesteps=train_timesteps,
                       codebook_size=codebook_size, n_codebooks=codec["n_codebooks"])
 iter_num, best_val_loss, tokens_seen, flops_seen, train_seconds = 0, float("inf"), 0, 0.0, 0.0
-checkpoint = None
+checkpoint, source = None, None  # resume: this run's checkpoint; fine-tuning: the weights of another run
 if init_from == "resume":
     if not os.path.exists(ckpt_path):
         sys.exit(f"train.py: --init_from=resume but {ckpt_path} does not exist")
@@ -181,7 +193,17 @@ if init_from == "resume":
     tokens_seen, flops_seen = checkpoint["tokens_seen"], checkpoint["flops_seen"]
     train_seconds = checkpoint.get("train_seconds", 0.0)
 elif init_from != "scratch":
-    sys.exit(f"train.py: init_from={init_from!r}: expected 'scratch' or 'resume'")
+    try:
+        source_path = checkpoint_file(init_from)
+        source = torch.load(source_path, map_location="cpu", weights_only=True)
+    except (ValueError, OSError, RuntimeError) as e:
+        sys.exit(f"train.py: init_from={init_from}: {str(e).splitlines()[0]} (expected scratch, resume, or a run "
+                 "dir or checkpoint file to start from)")
+    theirs = source["model_args"]
+    differ = [f"{k} ({theirs.get(k)!r} there, {model_args.get(k)!r} here)"
+              for k in sorted(set(model_args) | set(theirs)) if theirs.get(k) != model_args.get(k)]
+    if differ:
+        sys.exit(f"train.py: init_from={init_from}: {source_path} holds another model: " + "; ".join(differ))
 if model_type == "lm":
     model = MusicLM(ModelConfig(**model_args)).to(device)
     positions = seq_len + n_codebooks - 1  # per crop, after the delay pattern
@@ -196,14 +218,28 @@ else:
                         torch.from_numpy(splits["train"]["codes"][:, :100_000].astype(np.int64)).to(device))
 if checkpoint:
     model.load_state_dict(checkpoint["model"])
+if source:  # its EMA weights where it kept them, as sample.py would use
+    missing, unexpected = model.load_state_dict(source.get("ema") or source["model"], strict=False)
+    if missing or unexpected:
+        sys.exit(f"train.py: init_from={init_from}: {source_path} does not fit this model: missing keys "
+                 f"{', '.join(missing) or 'none'}; unexpected keys {', '.join(unexpected) or 'none'}")
+    source = None
+ema = None
+if ema_decay > 0:  # a copy of the weights, averaged after every optimizer step
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    if checkpoint and checkpoint.get("ema") is not None:
+        ema.load_state_dict(checkpoint["ema"])
 
 decay = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d))]
 decay_ids = {id(p) for p in decay}  # matrices; never A_log, D, dt bias, norms, biases, embeddings
 no_decay = [p for p in model.parameters() if id(p) not in decay_ids]
 optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)],
                               lr=learning_rate, betas=(beta1, beta2), eps=eps, fused=device_type == "cuda")
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16" and device_type == "cuda")
 if checkpoint:
     optimizer.load_state_dict(checkpoint["optimizer"])
+    if checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
     if master:  # the checkpoint holds rank 0's RNG states; other ranks draw fresh ones
         data_gen.set_state(checkpoint["rng"]["data"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -236,9 +272,10 @@ def evaluate():
     """-> {metric: value} over eval_iters fixed val batches. LM: the loss (mean and per codebook) with the
     caption and without it, and their difference, the text gain. Stage 2: the diffusion loss."""
     model.eval()
+    net = raw_model if ema is None else ema  # the weights sample.py and evaluate.py will use
     if model_type == "stage2":
         gen = torch.Generator().manual_seed(seed)  # the same batches, timesteps and noise every time
-        loss = sum(raw_model(**get_batch("val", gen), generator=gen)[1].item() for _ in range(eval_iters))
+        loss = sum(net(**get_batch("val", gen), generator=gen)[1].item() for _ in range(eval_iters))
         model.train()
         return dict(val_loss=loss / eval_iters)
     per_cb = {}
@@ -248,7 +285,7 @@ def evaluate():
         for _ in range(eval_iters):
             batch = get_batch("val", gen, drop_text)
             with autocast:
-                logits, _ = raw_model(batch["codes"], batch["text"], batch["text_mask"])
+                logits, _ = net(batch["codes"], batch["text"], batch["text_mask"])
             per_cb[drop_text] += codebook_losses(logits, batch["targets"]).cpu() / eval_iters
     model.train()
     val, val_notext = per_cb[False].mean().item(), per_cb[True].mean().item()
@@ -261,12 +298,15 @@ def mfu(tokens_per_s):
     return None if peak is None else flops_per_token * tokens_per_s / (peak * world_size)
 
 
-def save_checkpoint(path):
-    ckpt = dict(model_args=model_args, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+def save_checkpoint(path, resumable=True):
+    """Everything a run needs to continue exactly (resumable), or only what sample.py and evaluate.py read."""
+    ckpt = dict(model_args=model_args, model=raw_model.state_dict(), ema=None if ema is None else ema.state_dict(),
                 iter_num=iter_num, best_val_loss=best_val_loss, config=config, data_meta=meta,
-                tokens_seen=tokens_seen, flops_seen=flops_seen, train_seconds=train_seconds,
-                rng=dict(data=data_gen.get_state(), torch=torch.get_rng_state(),
-                         cuda=torch.cuda.get_rng_state() if device_type == "cuda" else None))
+                tokens_seen=tokens_seen, flops_seen=flops_seen, train_seconds=train_seconds)
+    if resumable:
+        ckpt.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler.is_enabled() else None,
+                    rng=dict(data=data_gen.get_state(), torch=torch.get_rng_state(),
+                             cuda=torch.cuda.get_rng_state() if device_type == "cuda" else None))
     atomic_write(path, lambda tmp: torch.save(ckpt, tmp))  # a kill never leaves a broken checkpoint
 
 
@@ -300,12 +340,17 @@ while True:
         print(f"iter {iter_num}: val loss {metrics['val_loss']:.4f}"
               + (f", without text {metrics['val_loss_notext']:.4f}, text gain {metrics['text_gain']:+.4f}"
                  if model_type == "lm" else "") + (f", train loss {train_loss:.4f}" if train_loss else ""))
+        improved = metrics["val_loss"] < best_val_loss
         best_val_loss = min(best_val_loss, metrics["val_loss"])
         row = [iter_num, tokens_seen, flops_seen, train_seconds, lr, train_loss, *metrics.values(), tokens_per_s,
                mfu(tokens_per_s) if tokens_per_s else None, peak]
         with open(log_path, "a", newline="") as f:
             csv.writer(f).writerow(["" if v is None else f"{v:.6g}" if isinstance(v, float) else v for v in row])
         save_checkpoint(ckpt_path)
+        if improved:
+            save_checkpoint(os.path.join(out_dir, "best.pt"), resumable=False)
+        if keep_every and iter_num > 0 and iter_num % keep_every == 0:
+            save_checkpoint(os.path.join(out_dir, f"ckpt_{iter_num}.pt"))
         train_losses, t_window, tokens_window = [], time.time(), 0
     if iter_num >= max_iters:
         break
@@ -318,14 +363,20 @@ while True:
         with autocast:
             _, loss = model(**batch, **train_kwargs)
             loss = loss / gradient_accumulation_steps
-        loss.backward()
+        scaler.scale(loss).backward()  # with float16 the loss is scaled up first, so no gradient underflows
         total += loss.item()
     if not math.isfinite(total):
         sys.exit(f"train.py: loss is {total} at iteration {iter_num}; stopping (the last checkpoint is intact)")
+    scaler.unscale_(optimizer)
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    scaler.step(optimizer)  # optimizer.step(), skipped (float16 only) where a gradient overflowed
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    if ema is not None:  # with a warmup, so that the first steps' weights do not linger
+        d = min(ema_decay, (1 + iter_num) / (10 + iter_num))
+        for e, p in zip(ema.parameters(), raw_model.parameters()):
+            e.lerp_(p, 1 - d)
 
     iter_num += 1
     tokens_seen += tokens_per_iter

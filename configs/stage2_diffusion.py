@@ -11,3 +11,4 @@ learning_rate = 1e-4
 weight_decay = 0.0
 warmup_iters = 500
 dropout = 0.0
+ema_decay = 0.999  # diffusion models sample from an average of their weights (train.py's EMA)

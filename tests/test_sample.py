@@ -107,10 +107,28 @@ def test_cfg_1_is_the_conditional_model_alone(run_dir, tmp_path, monkeypatch):
     assert torch.equal(codes[0], model.undelay(seq, V))
 
 
+def test_ema_weights_and_the_checkpoint_choice(data_dir, tmp_path, monkeypatch):
+    """A run that kept an EMA of its weights: sample.py generates from the EMA (not the raw weights) by default and
+    from the raw weights with --ema=False; --ckpt picks the file."""
+    run = train(data_dir, tmp_path / "run", "configs/prefix_simba.py", "configs/tiny.py", "--ema_decay=0.5")
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    assert any(not torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["model"])
+    for ema, weights in ((True, "ema"), (False, "model")):
+        used = {}
+        monkeypatch.setattr(model.MusicLM, "generate",
+                            lambda self, *a, **k: (used.update(self.state_dict()), GENERATE(self, *a, **k))[1])
+        run_sample(run, tmp_path / f"ema_{ema}", f"--prompt={PROMPTS[0]}", "--seconds=0.2", f"--ema={ema}",
+                   "--ckpt=last", monkeypatch=monkeypatch)
+        assert used and all(torch.equal(v, ckpt[weights][k]) for k, v in used.items())
+        row = json.loads((tmp_path / f"ema_{ema}" / "index.jsonl").read_text())
+        assert row["checkpoint"] == str(run / "ckpt.pt")
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--prompt="], "empty prompt"),
     (["--prompt=x", "--seconds=0"], "--seconds=0.0 must be positive"),
     (["--prompt=x", "--out_dir=/no/such/run"], "no checkpoint at /no/such/run/ckpt.pt"),
+    (["--prompt=x", "--ckpt=/no/such/file.pt"], "no checkpoint file /no/such/file.pt (expected last, best or a"),
     (["--prompts_file=BAD_JSON"], "does not parse"),
     (["--prompts_file=/no/such/file.txt"], "does not exist"),
     (["--prompt=x", "--stage2_dir=/no/such/run"], "no checkpoint at /no/such/run/ckpt.pt"),

@@ -1,5 +1,6 @@
-"""train.py on a tiny synthetic dataset built here: every paper variant learns, resume is exact, torchrun with
-two CPU processes works, bad configs give one-line errors, a NaN loss stops the run cleanly."""
+"""train.py on a tiny synthetic dataset built here: every paper variant learns, resume is exact (EMA included),
+fine-tuning starts from another run, best and periodic checkpoints, torchrun with two CPU processes works, bad
+configs give one-line errors, a NaN loss stops the run cleanly."""
 import csv
 import subprocess
 import sys
@@ -44,10 +45,10 @@ def test_every_variant_learns(data_dir, tmp_path, variant):
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 40 and ckpt["model_args"]["block"] in ("mamba", "simba", "transformer")
     assert {"model", "optimizer", "config", "data_meta", "tokens_seen", "flops_seen", "best_val_loss", "rng"} <= set(ckpt)
-    m, _ = model.load_run(tmp_path, "lm")  # what sample.py and evaluate.py load
+    m, _ = model.load_run(tmp_path, "lm", "last")  # what sample.py and evaluate.py load with --ckpt=last
     assert isinstance(m, model.MusicLM) and all(torch.equal(v, ckpt["model"][k]) for k, v in m.state_dict().items())
     with pytest.raises(ValueError, match="ckpt.pt holds a language model$"):
-        model.load_run(tmp_path, "stage2")
+        model.load_run(tmp_path, "stage2", "last")
 
 
 def test_stage2_trains_through_the_same_loop(data_dir, tmp_path):
@@ -62,23 +63,69 @@ def test_stage2_trains_through_the_same_loop(data_dir, tmp_path):
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["model"]["codebooks"].shape == (8, 1024, 128) and ckpt["model"]["codebooks"].abs().sum() > 0
     assert isinstance(model.load_run(tmp_path, "stage2")[0], model.Stage2Diffusion)
-    with pytest.raises(ValueError, match="ckpt.pt holds a stage-2 diffusion model$"):
+    with pytest.raises(ValueError, match="best.pt holds a stage-2 diffusion model$"):
         model.load_run(tmp_path, "lm")
 
 
 def test_resume_is_exact(data_dir, tmp_path):
     argv = ["configs/prefix_simba.py", "configs/tiny.py", *FAST, "--dropout=0.1", "--eval_interval=6",
-            "--caption_dropout=0.3", "--word_dropout=0.2"]
+            "--caption_dropout=0.3", "--word_dropout=0.2", "--ema_decay=0.9"]
     a, b = tmp_path / "a", tmp_path / "b"
     assert train(data_dir, a, *argv, "--max_iters=12").returncode == 0
     assert train(data_dir, b, *argv, "--max_iters=6").returncode == 0
     r = train(data_dir, b, *argv, "--max_iters=12", "--init_from=resume")
     assert r.returncode == 0, r.stderr[-2000:]
-    wa = torch.load(a / "ckpt.pt", weights_only=True)["model"]
-    wb = torch.load(b / "ckpt.pt", weights_only=True)["model"]
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
+    ca, cb = (torch.load(run / "ckpt.pt", weights_only=True) for run in (a, b))
+    for weights in ("model", "ema"):  # bit for bit, the moving average too
+        assert all(torch.equal(ca[weights][k], cb[weights][k]) for k in ca[weights]), weights
+    assert any(not torch.equal(ca["ema"][k], ca["model"][k]) for k in ca["model"])  # an average, not a copy
     columns = ("iter", "flops_seen", "lr", "train_loss", "val_loss", "text_gain")  # all but the times
     assert [[row[c] for c in columns] for row in log_rows(b)] == [[row[c] for c in columns] for row in log_rows(a)]
+
+
+def test_fine_tune_from_a_run(data_dir, tmp_path):
+    """init_from=<run dir>: a new run from the source's best weights at step 0 with a fresh optimizer; the source is
+    left as it was; a model of another shape stops with one line naming the keys that differ."""
+    argv = ["configs/prefix_simba.py", "configs/tiny.py", *FAST, "--eval_interval=3"]
+    src, tuned = tmp_path / "src", tmp_path / "tuned"
+    assert train(data_dir, src, *argv, "--max_iters=6").returncode == 0
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    r = train(data_dir, tuned, *argv, "--max_iters=3", f"--init_from={src}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    rows = log_rows(tuned)
+    assert [int(row["iter"]) for row in rows] == [0, 3]
+    # step 0 scores the source's best weights on the same val batches: the source's best val loss
+    assert float(rows[0]["val_loss"]) == pytest.approx(torch.load(src / "best.pt", weights_only=True)["best_val_loss"],
+                                                       abs=1e-4)
+    ckpt = torch.load(tuned / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 3 and all(s["step"].item() == 3 for s in ckpt["optimizer"]["state"].values())
+    n_layer = ckpt["model_args"]["n_layer"]
+    r = train(data_dir, tmp_path / "other", *argv, f"--n_layer={n_layer + 1}", f"--init_from={src}")
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == (
+        f"train.py: init_from={src}: {src / 'best.pt'} holds another model: n_layer ({n_layer} there, {n_layer + 1} here)")
+    r = train(data_dir, tmp_path / "other", *argv, f"--init_from={tmp_path / 'nothing'}")
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(
+        f"train.py: init_from={tmp_path / 'nothing'}: no checkpoint at")
+
+
+def test_best_and_periodic_checkpoints(data_dir, tmp_path):
+    r = train(data_dir, tmp_path, "configs/prefix_transformer.py", "configs/tiny.py", *FAST, "--max_iters=12",
+              "--eval_interval=3", "--keep_every=6", "--learning_rate=5e-2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = log_rows(tmp_path)
+    losses = [float(row["val_loss"]) for row in rows]
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["iter_num"] == int(rows[losses.index(min(losses))]["iter"]) and "optimizer" not in best
+    assert best["best_val_loss"] == pytest.approx(min(losses), rel=1e-5)
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_12.pt", "ckpt_6.pt"]
+    assert torch.load(tmp_path / "ckpt_6.pt", weights_only=True)["iter_num"] == 6
+    assert model.checkpoint_file(str(tmp_path)) == str(tmp_path / "best.pt")  # sample.py's and evaluate.py's default
+    assert model.checkpoint_file(str(tmp_path), "last") == str(tmp_path / "ckpt.pt")
+    r = train(data_dir, tmp_path / "bad", "configs/prefix_transformer.py", "configs/tiny.py", *FAST,
+              "--eval_interval=3", "--keep_every=4")
+    assert r.returncode != 0 and r.stderr.strip() == ("train.py: keep_every=4 must be a multiple of eval_interval=3 "
+                                                      "(checkpoints are written at evals)")
 
 
 def test_torchrun_two_cpu_processes(data_dir, tmp_path):
