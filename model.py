@@ -18,6 +18,7 @@ The paper's variants are settings of one config (see configs/):
 Music is K parallel codebook streams laid out with MusicGen's delay pattern (codebook k is shifted
 right by k+1 steps); the model predicts the K tokens of the next position at once.
 """
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
@@ -720,6 +721,8 @@ def checkpoint_file(run, which="best"):
         return which
     best, last = os.path.join(run, "best.pt"), os.path.join(run, "ckpt.pt")
     path = best if which == "best" and os.path.isfile(best) else last
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(run, "model.json")):
+        return os.path.join(run, "model.json")  # a folder that export_run wrote
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path}")
     return path
@@ -734,13 +737,41 @@ def load_run(run_dir, kind=None, which="best", ema=True):
     ValueError with a one-line message for the calling script to print."""
     path = checkpoint_file(run_dir, which)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        args, stage2 = ckpt["model_args"], ckpt["config"].get("model_type") == "stage2"
+        if path.endswith(".json"):  # an exported model: its settings in JSON, its weights beside them
+            from safetensors.torch import load_file
+            with open(path) as f:
+                ckpt = json.load(f)
+            weights = load_file(os.path.join(os.path.dirname(path), "model.safetensors"))
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            weights = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
+        args = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_args"].items()}  # JSON has no tuples
+        stage2 = ckpt["config"].get("model_type") == "stage2"
         model = Stage2Diffusion(Stage2Config(**args)) if stage2 else MusicLM(ModelConfig(**args))
-        model.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"])
+        model.load_state_dict(weights)
     except Exception as e:
         raise ValueError(f"cannot read the checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
     if kind is not None and kind != ("stage2" if stage2 else "lm"):
         raise ValueError(f"{path} holds {'a stage-2 diffusion model' if stage2 else 'a language model'}")
     ckpt["path"] = path
     return model.eval(), ckpt
+
+
+def export_run(run_dir, folder, which="best", ema=True):
+    """A run's model as a folder anyone can share and load without our training state: folder/model.safetensors
+    (the weights: the EMA where the run kept one and ema=True) and folder/model.json (the model's settings, the
+    training config and the data's meta: which codec and text encoder it was trained with). load_run, and so
+    sample.py and evaluate.py, take the folder as they take a run. -> the folder."""
+    from safetensors.torch import save_file
+    model, ckpt = load_run(run_dir, None, which, ema)
+    info = dict(model_args=ckpt["model_args"], config=ckpt["config"], data_meta=ckpt["data_meta"],
+                iter_num=ckpt["iter_num"], best_val_loss=ckpt["best_val_loss"], exported_from=ckpt["path"],
+                weights="ema" if ema and ckpt.get("ema") is not None else "raw")
+    os.makedirs(folder, exist_ok=True)
+    weights, settings = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.json")
+    save_file(model.state_dict(), weights + ".tmp")
+    with open(settings + ".tmp", "w") as f:
+        json.dump(info, f, indent=1)
+    for path in (weights, settings):  # renamed once both are whole: a kill never leaves a half-written file
+        os.replace(path + ".tmp", path)
+    return folder

@@ -21,13 +21,14 @@ import torch
 from tqdm import tqdm
 
 from configurator import configure
-from model import load_run
+from model import export_run, load_run
 from prepare import atomic_write, load_dataset_codec, load_text_encoder, read_captions
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the training run
 ckpt = "best"  # which of its checkpoints: best (best.pt where it exists, else the latest) | last (ckpt.pt) | a file
 ema = True  # the run's EMA weights where it kept them (train.py ema_decay); False: the raw weights
+export = ""  # a folder: write the checkpoint's weights there as model.safetensors + model.json, then stop
 samples_dir = ""  # default: out_dir/samples
 prompt = ""
 prompts_file = ""  # one prompt per line, or a CSV/JSON/JSONL caption file as prepare.py reads
@@ -94,6 +95,12 @@ def write_wav(path, wav, sample_rate):
 
 def main(argv):
     config = configure(globals(), argv, "sample.py")
+    if export:
+        try:
+            print(f"sample.py: exported {export_run(out_dir, export, ckpt, ema)}")
+        except ValueError as e:
+            sys.exit(f"sample.py: {e}; set --out_dir to a train.py run (and --ckpt)")
+        return config
     if seconds <= 0:
         sys.exit(f"sample.py: --seconds={seconds} must be positive")
     prompts = read_prompts(prompt, prompts_file)

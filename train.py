@@ -12,7 +12,8 @@ the clip's caption embedding; the caption is dropped whole (caption_dropout) or 
 (word_dropout) so that one model serves classifier-free guidance. Every eval_interval: the val loss with the
 caption and without it (their difference, the text gain, shows the model listens to the text), one row in
 out_dir/log.csv, and out_dir/ckpt.pt (written atomically, with the RNG states, so resume is exact); best.pt too
-when the val loss is the lowest so far, and ckpt_<iter>.pt every keep_every iterations.
+when the val loss is the lowest so far, and ckpt_<iter>.pt every keep_every iterations. At the end, out_dir/export/:
+the best weights alone as model.safetensors and model.json, to share (model.export_run).
 """
 import copy
 import csv
@@ -31,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
 from model import (ModelConfig, MusicLM, Stage2Config, Stage2Diffusion, checkpoint_file, codebook_losses, delay,
-                   peak_flops)
+                   export_run, peak_flops)
 from prepare import atomic_write, load_dataset_codec, read_split, text_rows
 
 # -----------------------------------------------------------------------------
@@ -387,5 +388,7 @@ while True:
         print(f"iter {iter_num}: loss {total:.4f}, lr {lr:.2e}, "
               f"{tokens_window / (time.time() - t_window):.0f} tokens/s")
 
+if master:  # the run's model to share: best.pt's weights (the EMA where kept) without the training state
+    print(f"train.py: exported {export_run(out_dir, os.path.join(out_dir, 'export'))} (model.safetensors, model.json)")
 if ddp:
     dist.destroy_process_group()

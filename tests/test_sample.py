@@ -124,6 +124,24 @@ def test_ema_weights_and_the_checkpoint_choice(data_dir, tmp_path, monkeypatch):
         assert row["checkpoint"] == str(run / "ckpt.pt")
 
 
+def test_export_samples_like_its_run(run_dir, tmp_path, monkeypatch):
+    """train.py's export (run/export/: model.safetensors + model.json) loads in sample.py as its run does and writes
+    the same tokens with the same seed; --export writes one for any checkpoint."""
+    info = json.loads((run_dir / "export" / "model.json").read_text())
+    assert info["iter_num"] == 4 and info["exported_from"] == str(run_dir / "best.pt")
+    codes = {}
+    for name, source in (("run", run_dir), ("export", run_dir / "export")):
+        codes[name] = []
+        run_sample(source, tmp_path / name, f"--prompt={PROMPTS[1]}", "--seconds=0.5", "--seed=5",
+                   capture=codes[name], monkeypatch=monkeypatch)
+    assert torch.equal(codes["run"][0], codes["export"][0])
+    run_sample(run_dir, tmp_path / "unused", "--ckpt=last", f"--export={tmp_path / 'last'}", monkeypatch=monkeypatch)
+    exported, _ = model.load_run(str(tmp_path / "last"), "lm")
+    weights = torch.load(run_dir / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, weights[k]) for k, v in exported.state_dict().items())
+    assert not (tmp_path / "unused").exists()  # --export writes the export and nothing else
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--prompt="], "empty prompt"),
     (["--prompt=x", "--seconds=0"], "--seconds=0.0 must be positive"),
