@@ -24,6 +24,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from configurator import configure
 from model import (ModelConfig, MusicLM, Stage2Config, Stage2Diffusion, checkpoint_file, codebook_losses, delay,
                    export_run, peak_flops)
 from prepare import atomic_write, load_dataset_codec, read_split, text_rows
+from sample import write_wav
 
 # -----------------------------------------------------------------------------
 # defaults; the paper's training settings (DESIGN.md, from the official code) where it has them
@@ -90,6 +92,14 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype on CUDA (float16: with a gradient
 # scaler, for GPUs without bfloat16); CPU runs float32
 compile = False
+# logging (log.csv always) and audio while training; the packages are imported only when asked for
+wandb_log = False  # as nanoGPT: also log to Weights & Biases (pip install wandb)
+wandb_project = "ssm-ttm"
+wandb_run_name = ""  # default: out_dir's name
+tensorboard_log = False  # also write TensorBoard events to out_dir/tensorboard/ (pip install tensorboard)
+sample_interval = 0  # LM: every sample_interval evals, clips from the first val captions in out_dir/samples/iter_<N>/
+sample_clips = 2
+sample_seconds = 5.0
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:], "train.py")
 
@@ -311,8 +321,60 @@ def save_checkpoint(path, resumable=True):
     atomic_write(path, lambda tmp: torch.save(ckpt, tmp))  # a kill never leaves a broken checkpoint
 
 
+def write_samples():
+    """Clips of sample_seconds from the first sample_clips val captions (cached decoding, guidance 3, the weights the
+    evals use) -> out_dir/samples/iter_<N>/ (wav files, captions.jsonl); -> [(caption, wav, sample_rate)]."""
+    rows = list(range(min(sample_clips, len(splits["val"]["clips"]))))
+    text, mask = text_rows(splits["val"], rows)
+    net = raw_model if ema is None else ema
+    codes = net.generate(text.to(device), mask.to(device), round(sample_seconds * codec["frame_rate"]), cfg=3.0,
+                         generator=torch.Generator(device).manual_seed(seed))  # (n, K, frames)
+    with torch.no_grad():
+        wavs = sample_codec.decode([(codes, None)])[:, 0].float().cpu().numpy()  # (n, samples)
+    folder = os.path.join(out_dir, "samples", f"iter_{iter_num}")
+    os.makedirs(folder, exist_ok=True)
+    clips = [(val_captions[i], wav, codec["sample_rate"]) for i, wav in zip(rows, wavs)]
+    for i, (caption, wav, rate) in enumerate(clips):
+        write_wav(os.path.join(folder, f"{i}.wav"), wav, rate)
+    index = "".join(json.dumps(dict(file=f"{i}.wav", caption=c)) + "\n" for i, (c, _, _) in enumerate(clips))
+    atomic_write(os.path.join(folder, "captions.jsonl"), lambda tmp: Path(tmp).write_text(index))
+    return clips
+
+
+def log_to_loggers(values, clips=()):
+    """This eval's values {name: number} and sampled clips [(caption, wav, sample_rate)] -> wandb / TensorBoard."""
+    if wandb_run is not None:
+        wandb_run.log({**values, **{f"sample_{i}": wandb.Audio(wav, sample_rate=rate, caption=caption)
+                                    for i, (caption, wav, rate) in enumerate(clips)}}, step=iter_num)
+    if tensorboard is not None:
+        for name, value in values.items():
+            tensorboard.add_scalar(name, value, iter_num)
+        for i, (caption, wav, rate) in enumerate(clips):
+            tensorboard.add_audio(f"sample_{i}", torch.from_numpy(wav)[None], iter_num, sample_rate=rate)
+            tensorboard.add_text(f"sample_{i}", caption, iter_num)
+        tensorboard.flush()
+
+
 # -----------------------------------------------------------------------------
 # the loop
+wandb_run = tensorboard = sample_codec = None
+if master and wandb_log:
+    try:
+        import wandb
+    except ImportError:
+        sys.exit("train.py: wandb_log=True but the wandb package is not installed: pip install wandb")
+    wandb_run = wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(os.path.abspath(out_dir)),
+                           config=config)
+if master and tensorboard_log:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        sys.exit("train.py: tensorboard_log=True but the tensorboard package is not installed: pip install tensorboard")
+    tensorboard = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+if master and sample_interval and model_type == "lm":  # the codec that turns the samples' tokens into audio
+    sample_codec = load_dataset_codec(codec, root, device)
+    with open(os.path.join(root, "val_captions.jsonl")) as f:
+        val_captions = [json.loads(line)["caption"] for line in f]
 log_path = os.path.join(out_dir, "log.csv")
 columns = ["iter", "tokens_seen", "flops_seen", "train_seconds", "lr", "train_loss", *METRICS, "tokens_per_s", "mfu",
            "peak_mem_MB"]
@@ -347,6 +409,9 @@ while True:
                mfu(tokens_per_s) if tokens_per_s else None, peak]
         with open(log_path, "a", newline="") as f:
             csv.writer(f).writerow(["" if v is None else f"{v:.6g}" if isinstance(v, float) else v for v in row])
+        sampling = sample_codec is not None and iter_num > 0 and (iter_num // eval_interval) % sample_interval == 0
+        clips = write_samples() if sampling else ()
+        log_to_loggers({k: v for k, v in zip(columns, row) if k != "iter" and v is not None}, clips)
         save_checkpoint(ckpt_path)
         if improved:
             save_checkpoint(os.path.join(out_dir, "best.pt"), resumable=False)

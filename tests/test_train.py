@@ -2,11 +2,14 @@
 fine-tuning starts from another run, best and periodic checkpoints, torchrun with two CPU processes works, bad
 configs give one-line errors, a NaN loss stops the run cleanly."""
 import csv
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import soundfile as sf
 import torch
 from conftest import build_tiny_dataset, run_train as train
 
@@ -126,6 +129,68 @@ def test_best_and_periodic_checkpoints(data_dir, tmp_path):
               "--eval_interval=3", "--keep_every=4")
     assert r.returncode != 0 and r.stderr.strip() == ("train.py: keep_every=4 must be a multiple of eval_interval=3 "
                                                       "(checkpoints are written at evals)")
+
+
+WANDB_STUB = """
+import json, os
+class Audio:
+    def __init__(self, data, sample_rate, caption):
+        self.caption = caption
+class Run:
+    def log(self, values, step):
+        with open(os.environ["WANDB_STUB_LOG"], "a") as f:
+            row = {k: v.caption if isinstance(v, Audio) else v for k, v in values.items()}
+            f.write(json.dumps(dict(step=step, **row)) + "\\n")
+def init(project, name, config):
+    with open(os.environ["WANDB_STUB_LOG"], "a") as f:
+        f.write(json.dumps(dict(project=project, name=name, max_iters=config["max_iters"])) + "\\n")
+    return Run()
+"""
+
+
+def train_with(data_dir, out_dir, stub, *argv):
+    """train.py with a stand-in wandb package first on the path (it writes what it is given to out_dir/wandb.jsonl)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(stub), WANDB_STUB_LOG=str(out_dir / "wandb.jsonl"))
+    return subprocess.run([sys.executable, "train.py", "configs/prefix_simba.py", "configs/tiny.py", *FAST, *argv,
+                           f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out_dir}"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+
+
+def test_loggers_and_samples_while_training(data_dir, tmp_path):
+    """wandb (a stand-in that records its calls) and TensorBoard (the real package, read back) get every eval's
+    values and the clips sampled every sample_interval evals, which land in out_dir/samples/iter_<N>/ with their
+    captions; a missing package stops the run with one line."""
+    (tmp_path / "stub" / "wandb").mkdir(parents=True)
+    (tmp_path / "stub" / "wandb" / "__init__.py").write_text(WANDB_STUB)
+    out = tmp_path / "run"
+    out.mkdir()
+    r = train_with(data_dir, out, tmp_path / "stub", "--max_iters=6", "--eval_interval=2", "--wandb_log=True",
+                   "--tensorboard_log=True", "--sample_interval=2", "--sample_clips=2", "--sample_seconds=0.2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    captions = [json.loads(line)["caption"] for line in (data_dir / "tiny" / "val_captions.jsonl").open()][:2]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["iter_4"]  # evals 0, 2, 4, 6: every 2nd, not 0
+    index = [json.loads(line) for line in (out / "samples" / "iter_4" / "captions.jsonl").open()]
+    assert [row["caption"] for row in index] == captions
+    for row in index:
+        wav, rate = sf.read(out / "samples" / "iter_4" / row["file"])
+        assert rate == 24000 and abs(len(wav) / rate - 0.2) <= 1 / 75
+    log = [{k: float(v) for k, v in row.items() if v} for row in log_rows(out)]
+    calls = [json.loads(line) for line in (out / "wandb.jsonl").open()]
+    assert calls[0] == dict(project="ssm-ttm", name="run", max_iters=6)
+    assert [c["step"] for c in calls[1:]] == [0, 2, 4, 6]
+    assert [c["val_loss"] for c in calls[1:]] == pytest.approx([row["val_loss"] for row in log], rel=1e-5)
+    assert [c.get("sample_1") for c in calls[1:]] == [None, None, captions[1], None]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"audio": 0, "scalars": 0})
+    events.Reload()
+    scalars = events.Scalars("val_loss")
+    assert [e.step for e in scalars] == [0, 2, 4, 6]
+    assert [e.value for e in scalars] == pytest.approx([row["val_loss"] for row in log], rel=1e-5)
+    assert [e.step for e in events.Audio("sample_0")] == [4]
+    (tmp_path / "stub" / "wandb" / "__init__.py").write_text("raise ImportError('not installed')")
+    r = train_with(data_dir, tmp_path / "missing", tmp_path / "stub", "--max_iters=2", "--wandb_log=True")
+    assert r.returncode != 0 and r.stderr.strip() == (
+        "train.py: wandb_log=True but the wandb package is not installed: pip install wandb")
 
 
 def test_torchrun_two_cpu_processes(data_dir, tmp_path):
