@@ -193,6 +193,16 @@ def test_loggers_and_samples_while_training(data_dir, tmp_path):
         "train.py: wandb_log=True but the wandb package is not installed: pip install wandb")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="float16 autocast and its gradient scaler need a GPU")
+def test_float16_trains_with_a_gradient_scaler_on_a_gpu(data_dir, tmp_path):
+    r = train(data_dir, tmp_path, "configs/prefix_transformer.py", "configs/tiny.py", *FAST, "--max_iters=6",
+              "--eval_interval=3", "--device=cuda", "--dtype=float16")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["scaler"]["scale"] > 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert float(log_rows(tmp_path)[-1]["val_loss"]) < float(log_rows(tmp_path)[0]["val_loss"])
+
+
 def test_torchrun_two_cpu_processes(data_dir, tmp_path):
     r = train(data_dir, tmp_path, "configs/prefix_simba.py", "configs/tiny.py", *FAST, "--max_iters=6",
               "--eval_interval=6", "--gradient_accumulation_steps=2", torchrun=True)
