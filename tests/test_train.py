@@ -205,10 +205,11 @@ def test_float16_trains_with_a_gradient_scaler_on_a_gpu(data_dir, tmp_path):
 
 def test_torchrun_two_cpu_processes(data_dir, tmp_path):
     r = train(data_dir, tmp_path, "configs/prefix_simba.py", "configs/tiny.py", *FAST, "--max_iters=6",
-              "--eval_interval=6", "--gradient_accumulation_steps=2", torchrun=True)
+              "--eval_interval=6", "--gradient_accumulation_steps=2", "--ema_decay=0.9", torchrun=True)
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 6 and ckpt["config"]["gradient_accumulation_steps"] == 2
+    assert any(not torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["model"])  # the EMA under DDP too
 
 
 @pytest.mark.parametrize("argv,message", [
