@@ -7,6 +7,8 @@ Read top to bottom:
   4. the LM: codebook embeddings, text conditioning (prefix or cross), K heads, the loss
   5. generation: prefill + one step at a time with per-layer caches, classifier-free guidance
   6. FLOPs accounting
+  7. the two-stage design's diffusion model (Stage2Diffusion)
+  8. loading a run's checkpoint or export (load_run), and writing an export (export_run)
 
 The paper's variants are settings of one config (see configs/):
   Prefix Mamba       block=mamba, cond=prefix     SSM mixer only, text as a prefix

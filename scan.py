@@ -718,15 +718,17 @@ def _ssd_chunks(x, dt, A, B, C, D, z, dt_bias, dt_softplus, Q, initial_state):
                                torch.zeros(Q, Q, dtype=f, device=x.device).masked_fill(~causal, -math.inf))
         y = ((Cc @ Bc.transpose(-1, -2))[:, :, None] * torch.exp(exponent)) @ xdt.transpose(2, 3)  # (b, c, h, Q, P)
         y = y.transpose(2, 3)  # (b, c, Q, h, P)
-        # (3) each chunk's input to the state, then the states entering the chunks, one chunk at a time
+        # (3) each chunk's input to the state, S_k, then the states entering the chunks all at once:
+        # H_i = exp(A T_i) H_0 + sum_{k<i} exp(A (T_i - T_{k+1})) S_k, T_i = dt summed up to chunk i's start
         w = torch.exp(A * (cdt[:, :, -1:] - cdt).to(f))[..., None]  # (b, c, Q, h, 1): decay to the chunk's end
-        S = (xdt * w).flatten(3).transpose(-1, -2) @ Bc  # (b, c, h * P, N)
-        chunk_decay = torch.exp(A * cdt[:, :, -1].to(f))[..., None, None]  # (b, c, h, 1, 1)
-        H = [x.new_zeros(batch, h * P, N, dtype=f) if initial_state is None
-             else initial_state.to(f).reshape(batch, h * P, N)]
-        for c in range(nc):  # new tensors, not writes into one: autograd keeps each state it needs once
-            H.append((H[-1].unflatten(1, (h, P)) * chunk_decay[:, c]).flatten(1, 2) + S[:, c])
-        H = torch.stack(H, 1)  # (b, c + 1, h * P, N): H[:, c] enters chunk c; H[:, nc] is the last state
+        S = ((xdt * w).flatten(3).transpose(-1, -2) @ Bc).unflatten(2, (h, P))  # (b, c, h, P, N)
+        T = F.pad(cdt[:, :, -1].cumsum(1), (0, 0, 1, 0))  # (b, c + 1, h), float64; T[:, nc]: the sequence's end
+        past = torch.ones(nc + 1, nc, dtype=torch.bool, device=x.device).tril(-1)[..., None]  # (c + 1, c, 1): k < i
+        W = torch.exp((A * (T[:, :, None] - T[:, None, 1:]).to(f)).masked_fill(~past, -math.inf))  # (b, c+1, c, h)
+        H = torch.einsum("bikh,bkhpn->bihpn", W, S)  # (b, c + 1, h, P, N): H[:, i] enters chunk i; H[:, nc]: last
+        if initial_state is not None:
+            H = H + torch.exp(A * T.to(f))[..., None, None] * initial_state.to(f)[:, None]
+        H = H.flatten(2, 3)  # (b, c + 1, h * P, N)
         # (2) from the state entering each chunk
         y = y + (Cc @ H[:, :nc].transpose(-1, -2)).unflatten(-1, (h, P)) * torch.exp(A * cdt.to(f))[..., None]
         y = y.flatten(1, 2)[:, :L]  # (b, L, h, P)
