@@ -92,10 +92,10 @@ def test_fine_tune_from_a_run(data_dir, tmp_path):
     argv = ["configs/prefix_simba.py", "configs/tiny.py", *FAST, "--eval_interval=3"]
     src, tuned = tmp_path / "src", tmp_path / "tuned"
     assert train(data_dir, src, *argv, "--max_iters=6").returncode == 0
-    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}  # its export/ folder too
     r = train(data_dir, tuned, *argv, "--max_iters=3", f"--init_from={src}")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before
     rows = log_rows(tuned)
     assert [int(row["iter"]) for row in rows] == [0, 3]
     # step 0 scores the source's best weights on the same val batches: the source's best val loss
