@@ -746,8 +746,10 @@ def load_run(run_dir, kind=None, which="best", ema=True):
             weights = load_file(os.path.join(os.path.dirname(path), "model.safetensors"))
         else:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            weights = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
+            ckpt["weights"] = "ema" if ema and ckpt.get("ema") is not None else "raw"
+            weights = ckpt["ema"] if ckpt["weights"] == "ema" else ckpt["model"]
         args = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_args"].items()}  # JSON has no tuples
+        ckpt["model_args"] = args
         stage2 = ckpt["config"].get("model_type") == "stage2"
         model = Stage2Diffusion(Stage2Config(**args)) if stage2 else MusicLM(ModelConfig(**args))
         model.load_state_dict(weights)
@@ -768,7 +770,7 @@ def export_run(run_dir, folder, which="best", ema=True):
     model, ckpt = load_run(run_dir, None, which, ema)
     info = dict(model_args=ckpt["model_args"], config=ckpt["config"], data_meta=ckpt["data_meta"],
                 iter_num=ckpt["iter_num"], best_val_loss=ckpt["best_val_loss"], exported_from=ckpt["path"],
-                weights="ema" if ema and ckpt.get("ema") is not None else "raw")
+                weights=ckpt["weights"])
     os.makedirs(folder, exist_ok=True)
     weights, settings = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.json")
     save_file(model.state_dict(), weights + ".tmp")

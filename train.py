@@ -32,8 +32,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
-from model import (ModelConfig, MusicLM, Stage2Config, Stage2Diffusion, checkpoint_file, codebook_losses, delay,
-                   export_run, peak_flops)
+from model import (ModelConfig, MusicLM, Stage2Config, Stage2Diffusion, codebook_losses, delay, export_run,
+                   load_run, peak_flops)
 from prepare import atomic_write, load_dataset_codec, read_split, text_rows
 from sample import write_wav
 
@@ -204,17 +204,16 @@ if init_from == "resume":
     tokens_seen, flops_seen = checkpoint["tokens_seen"], checkpoint["flops_seen"]
     train_seconds = checkpoint.get("train_seconds", 0.0)
 elif init_from != "scratch":
-    try:
-        source_path = checkpoint_file(init_from)
-        source = torch.load(source_path, map_location="cpu", weights_only=True)
-    except (ValueError, OSError, RuntimeError) as e:
-        sys.exit(f"train.py: init_from={init_from}: {str(e).splitlines()[0]} (expected scratch, resume, or a run "
-                 "dir or checkpoint file to start from)")
-    theirs = source["model_args"]
+    try:  # the weights sample.py would use: best.pt where it exists, the EMA where kept; an export too
+        source, source_ckpt = load_run(init_from, model_type)
+    except ValueError as e:
+        sys.exit(f"train.py: init_from={init_from}: {e} (expected scratch, resume, or a run dir or checkpoint file "
+                 "to start from)")
+    theirs = source_ckpt["model_args"]
     differ = [f"{k} ({theirs.get(k)!r} there, {model_args.get(k)!r} here)"
               for k in sorted(set(model_args) | set(theirs)) if theirs.get(k) != model_args.get(k)]
     if differ:
-        sys.exit(f"train.py: init_from={init_from}: {source_path} holds another model: " + "; ".join(differ))
+        sys.exit(f"train.py: init_from={init_from}: {source_ckpt['path']} holds another model: " + "; ".join(differ))
 if model_type == "lm":
     model = MusicLM(ModelConfig(**model_args)).to(device)
     positions = seq_len + n_codebooks - 1  # per crop, after the delay pattern
@@ -229,11 +228,8 @@ else:
                         torch.from_numpy(splits["train"]["codes"][:, :100_000].astype(np.int64)).to(device))
 if checkpoint:
     model.load_state_dict(checkpoint["model"])
-if source:  # its EMA weights where it kept them, as sample.py would use
-    missing, unexpected = model.load_state_dict(source.get("ema") or source["model"], strict=False)
-    if missing or unexpected:
-        sys.exit(f"train.py: init_from={init_from}: {source_path} does not fit this model: missing keys "
-                 f"{', '.join(missing) or 'none'}; unexpected keys {', '.join(unexpected) or 'none'}")
+if source is not None:  # the same settings, so the same parameters and buffers
+    model.load_state_dict(source.state_dict())
     source = None
 ema = None
 if ema_decay > 0:  # a copy of the weights, averaged after every optimizer step
