@@ -5,7 +5,8 @@
     python bench.py --section=train          # one optimizer step per paper variant at 30 s, 60 s, 120 s of tokens
     python bench.py --section=generate       # ms per generated step, cached vs recomputed (--size=paper on a GPU)
     python bench.py --section=stage2         # two-stage design: stage 2's cost vs the LM's extra codebooks
-    python bench.py --section=all
+    python bench.py --section=all            # the four above
+    python bench.py --section=prepare        # peak memory of preparing an hour-long recording (--hours)
 
 kernel: forward, backward and forward+backward time of the selective scan at a Mamba-1 shape and a
 Mamba-2 shape (the paper-scale shapes on CUDA; smaller ones on CPU, printed in the table).
@@ -39,6 +40,9 @@ generating 30 s for one caption (compute seconds per second of audio, codec deco
 
 stage2: seconds of compute per second of audio (batch 1, 10 s): the stage-2 diffusion model at 25 steps, and
 the single-stage LM's cost of writing codebooks 1..3 itself (prefix_simba minus two_stage_simba).
+
+prepare: peak memory (RSS) and system seconds of reading an hour-long 44.1 kHz stereo recording whole as before
+and in prepare.py's blocks, and of the whole `python prepare.py` run on it, each in its own process.
 """
 import argparse
 import functools
@@ -61,7 +65,7 @@ from tqdm import tqdm
 
 import model
 import scan
-from prepare import atomic_write
+from prepare import atomic_write, keep_freed_memory
 
 # peak memory bandwidth in GB/s, from the vendors' data sheets, by device name
 PEAK_GBPS = {"H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800,
@@ -557,6 +561,59 @@ def bench_stage2(device, dtype, size, seconds=10.0, steps=25):
     return rows
 
 
+def bench_prepare(device, hours):
+    """Peak memory of preparing one long recording (44.1 kHz stereo 16-bit wav: the synthetic songs end to end,
+    `hours` long) beside a short one, each way in its own process: decoding the long file whole and resampling
+    it (what prepare.py did before it read in blocks), reading it through prepare.read_clips in blocks, and the
+    whole `prepare.py` run (untrained codec, MiniLM). Peak RSS from the kernel's rusage of each process."""
+    import tempfile
+
+    import numpy as np
+    import soundfile as sf
+    import soxr
+
+    import prepare
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        audio = Path(tmp) / "audio"
+        audio.mkdir()
+        long_file, sr = audio / "long.wav", 44100
+        (audio / "long.txt").write_text(prepare.synth_song(0, 1.0)[1])
+        with sf.SoundFile(long_file, "w", sr, 2, "PCM_16") as f:  # written a minute at a time
+            for i in tqdm(range(round(hours * 60)), desc="writing the long file", unit="min"):
+                wav = soxr.resample(prepare.synth_song(i, 60.0)[0], prepare.SAMPLE_RATE, sr)  # (samples,)
+                f.write(np.repeat(wav[:, None], 2, axis=1))  # (samples, 2)
+        short, caption, _ = prepare.synth_song(10_000, 30.0)
+        sf.write(audio / "short.wav", short, prepare.SAMPLE_RATE)
+        (audio / "short.txt").write_text(caption)
+        programs = {
+            "imports only (numpy, soundfile, soxr, torch)": "",
+            "decode whole + resample": f"w = sf.read({str(long_file)!r}, dtype='float32', always_2d=True)[0]"
+                                       f".mean(axis=1); w = soxr.resample(w, {sr}, 24000)",
+            "prepare.read_clips, 60 s blocks": f"n = sum(len(c) for _, c in prepare.read_clips({str(long_file)!r}, "
+                                               "30.0, 5.0))"}
+        prepare_argv = ["prepare.py", f"--audio_dir={audio}", f"--data_dir={tmp}", "--name=long", "--codec=untrained",
+                        f"--device={device}"]
+        programs[f"python prepare.py ({hours:g} h + 30 s, untrained codec)"] = (
+            f"import runpy, sys; sys.argv = {prepare_argv!r}; runpy.run_path('prepare.py', run_name='__main__')")
+        for name, code in programs.items():
+            rows.append(dict(what=name, **peak_of("import numpy as np, soundfile as sf, soxr, prepare; " + code)))
+    return rows
+
+
+def peak_of(code):
+    """Run Python code in a new process -> its wall seconds, its peak RSS in MiB (VmHWM, which starts afresh at
+    exec; rusage's maximum would keep the forked parent's) and its system seconds, as the process reports them."""
+    report = ("\nimport resource\nprint(next(line.split()[1] for line in open('/proc/self/status') "
+              "if line.startswith('VmHWM')), resource.getrusage(resource.RUSAGE_SELF).ru_stime)")
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-c", code + report], cwd=Path(__file__).parent, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"bench.py: {code[:200]} failed: {r.stderr.strip().splitlines()[-1:]}")
+    peak_kib, system = r.stdout.split()[-2:]
+    return dict(seconds=time.time() - t0, peak_rss_MiB=int(peak_kib) / 1024, system_s=float(system))
+
+
 def markdown(rows):
     cols = list(rows[0])
     fmt = lambda v: "" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
@@ -566,8 +623,9 @@ def markdown(rows):
 
 
 def main():
+    keep_freed_memory()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--section", default="kernel", choices=["kernel", "train", "generate", "stage2", "all"])
+    p.add_argument("--section", default="kernel", choices=["kernel", "train", "generate", "stage2", "prepare", "all"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--reps", type=int, default=5, help="timed runs per measurement (the reference runs once)")
@@ -575,6 +633,7 @@ def main():
                    help="train, generate, stage2: model size (default: paper on CUDA, tiny on CPU)")
     p.add_argument("--positions", default="100,1000,4000", help="generate: positions to time, comma-separated")
     p.add_argument("--profile", action="store_true", help="train: print a torch.profiler table per model at 30 s")
+    p.add_argument("--hours", type=float, default=1.0, help="prepare: length of the long recording")
     p.add_argument("--out", default="out-bench", help="folder for the JSON files")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -585,8 +644,9 @@ def main():
     sections = {"kernel": lambda: bench_kernel(args.device, dtype, args.reps),
                 "train": lambda: bench_train(args.device, args.reps, size, profile=args.profile),
                 "generate": lambda: bench_generate(args.device, dtype, args.reps, size, positions),
-                "stage2": lambda: bench_stage2(args.device, dtype, size)}
-    for section in sections if args.section == "all" else [args.section]:
+                "stage2": lambda: bench_stage2(args.device, dtype, size),
+                "prepare": lambda: bench_prepare(args.device, args.hours)}
+    for section in ["kernel", "train", "generate", "stage2"] if args.section == "all" else [args.section]:
         rows = sections[section]()
         info = dict(section=section, device=args.device, machine=machine(args.device), torch=torch.__version__,
                     triton=triton.__version__, peak_GBps=peak_gbps(args.device), date=time.strftime("%Y-%m-%d"),

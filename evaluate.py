@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from configurator import configure
 from model import codebook_losses, delay, load_run
-from prepare import atomic_write, read_captions, read_split, text_rows
+from prepare import atomic_write, keep_freed_memory, read_captions, read_split, text_rows
 
 # -----------------------------------------------------------------------------
 section = "offline"  # offline | audio | stage2 (--runs compares runs)
@@ -107,7 +107,7 @@ def val_nll(model, d, L, first=None):
     cut into windows of L frames (the training crop) and scored as train.py scores a crop; with `first`, over
     the first `first` positions of each window only (where the model has heard little of the audio yet)."""
     K, V = model.config.n_codebooks, model.config.codebook_size
-    windows = [(i, o + s, min(L, n - s)) for i, (o, n) in enumerate(d["clips"].tolist()) for s in range(0, n, L)]
+    windows = [(i, o + s, min(L, n - s)) for i, (o, n) in enumerate(d["clips"][:, :2].tolist()) for s in range(0, n, L)]
     sums, count = torch.zeros(2, K), torch.zeros(K)
     for b in tqdm(range(0, len(windows), batch_size), desc="val NLL", leave=False):
         w = windows[b:b + batch_size]
@@ -197,7 +197,7 @@ def probe_accuracy(probe, windows, labels):
 def clip_windows(d, attrs, classes, frames, per_clip=4):
     """Evenly spaced windows of codebook-0 tokens from each clip long enough -> (windows (n, frames), labels)."""
     windows, labels = [], []
-    for (o, n), a in zip(d["clips"].tolist(), attrs):
+    for (o, n), a in zip(d["clips"][:, :2].tolist(), attrs):
         if n < frames:
             continue
         for s in np.linspace(0, n - frames, per_clip).astype(int):
@@ -219,7 +219,7 @@ def train_probe(root, meta, frames, iters, shuffle=False, seed=0):
     d = read_split(root, "train", meta)
     if shuffle:
         train_attrs = [train_attrs[i] for i in torch.randperm(len(train_attrs), generator=gen).tolist()]
-    long_enough = [i for i, (_, n) in enumerate(d["clips"].tolist()) if n >= frames]
+    long_enough = [i for i, (_, n) in enumerate(d["clips"][:, :2].tolist()) if n >= frames]
     if not long_enough:
         sys.exit(f"evaluate.py: no train clip in {root} holds {frames} frames; lower --probe_seconds")
     labels = torch.tensor([label(classes, a) for a in train_attrs])  # (clips, attributes)
@@ -227,7 +227,7 @@ def train_probe(root, meta, frames, iters, shuffle=False, seed=0):
     opt = torch.optim.AdamW(probe.parameters(), lr=2e-3, weight_decay=0.05)
     for _ in tqdm(range(iters), desc="probe", leave=False):
         pick = [long_enough[i] for i in torch.randint(len(long_enough), (32,), generator=gen).tolist()]
-        starts = [o + int(torch.randint(n - frames + 1, (1,), generator=gen)) for o, n in d["clips"][pick].tolist()]
+        starts = [o + int(torch.randint(n - frames + 1, (1,), generator=gen)) for o, n in d["clips"][pick, :2].tolist()]
         x = torch.stack([torch.from_numpy(d["codes"][0, s:s + frames].astype(np.int64)) for s in starts])
         y = labels[pick]
         loss = sum(F.cross_entropy(lg, y[:, a], ignore_index=-1) for a, lg in enumerate(probe(x)))
@@ -490,7 +490,8 @@ def captions_of(gen_files):
             row = json.loads(line)
             gen[Path(row["file"]).stem] = row["prompt"]
     if reference_captions:
-        ref = {Path(k).stem: v for k, v in read_captions(reference_captions).items()}
+        rows, _ = read_captions(reference_captions)
+        ref = {Path(name).stem: row["captions"][0] for row in rows for name in row["names"]}
     for stem in gen_files:
         gen.setdefault(stem, ref.get(stem))
     return {k: v for k, v in gen.items() if v}, ref
@@ -595,7 +596,7 @@ def print_audio(r):
 def val_codes(checkpoint, frames):
     """The first `frames` frames of up to `clips` val clips: (n, K, frames), all stored codebooks."""
     d = read_split(data_root(checkpoint), split, checkpoint["data_meta"])
-    picked = [(o, n) for o, n in d["clips"].tolist() if n >= frames][:clips]
+    picked = [(o, n) for o, n in d["clips"][:, :2].tolist() if n >= frames][:clips]
     if not picked:
         sys.exit(f"evaluate.py: no {split} clip in {data_root(checkpoint)} is {seconds} s long; lower --seconds")
     return torch.stack([torch.from_numpy(d["codes"][:, o:o + frames].astype(np.int64)) for o, _ in picked])
@@ -807,6 +808,7 @@ def plot_curves(best):
 
 
 def main(argv):
+    keep_freed_memory()
     if "--runs" in argv:  # --runs DIR DIR ...: the folders up to the next --flag
         i = argv.index("--runs")
         j = next((k for k in range(i + 1, len(argv)) if argv[k].startswith("--")), len(argv))

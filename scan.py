@@ -36,7 +36,6 @@ The implementations, in the order to read them:
 selective_scan and selective_state_update pick the path from the tensors' device.
 Inputs may be float32, bfloat16 or float16; states and sums are always float32.
 """
-import ctypes
 import math
 
 import torch
@@ -145,25 +144,6 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 # -----------------------------------------------------------------------------
 # 2. the CPU path: chunked scan in PyTorch with a hand-written backward
 
-
-
-def _keep_freed_memory():
-    """Stop glibc from handing freed multi-MB buffers back to the OS after every op.
-
-    By default each large tensor the CPU path allocates is fresh memory that the kernel must
-    fault in and zero: bench.py measured that as about half of the path's time. A larger mmap
-    and trim threshold keeps freed buffers in the heap for reuse (the process keeps its peak
-    memory instead of returning it). No effect off glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: heap-allocate buffers up to 32 MiB (glibc's max)
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: return memory only when 1 GiB is free at the top
-    except (OSError, AttributeError):
-        pass
-
-
-_keep_freed_memory()
 LOG2E = 1.4426950408889634
 CPU_CHUNK = 16  # steps scanned one by one inside each chunk (all chunks at once)
 CPU_BLOCK_ELEMS = 1 << 20  # at most this many (batch * dim * steps * N) state elements exist at once

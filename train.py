@@ -34,8 +34,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import configure
 from model import (ModelConfig, MusicLM, Stage2Config, Stage2Diffusion, codebook_losses, delay, export_run,
                    load_run, peak_flops)
-from prepare import atomic_write, load_dataset_codec, read_split, text_rows
+from prepare import atomic_write, keep_freed_memory, load_dataset_codec, read_split, text_rows
 from sample import write_wav
+
+keep_freed_memory()
 
 # -----------------------------------------------------------------------------
 # defaults; the paper's training settings (DESIGN.md, from the official code) where it has them
@@ -161,18 +163,18 @@ def get_batch(split, gen, drop_text=False):
         n = min(seq_len, *(int(d["clips"][i][1]) for i in idx))
         crops = []
         for i in idx:
-            offset, length = (int(x) for x in d["clips"][i])
+            offset, length = (int(x) for x in d["clips"][i, :2])
             start = offset + int(torch.randint(length - n + 1, (1,), generator=gen))
             crops.append(torch.from_numpy(d["codes"][:, start:start + n].astype(np.int64)))
         return dict(codes=torch.stack(crops).to(device))
     crops = torch.full((batch_size, n_codebooks, seq_len), codebook_size, dtype=torch.long)  # special = padding
     for b, i in enumerate(idx):
-        offset, length = (int(x) for x in d["clips"][i])
+        offset, length = (int(x) for x in d["clips"][i, :2])
         start = int(torch.randint(max(1, length - seq_len + 1), (1,), generator=gen))
         n = min(seq_len, length - start)
         crops[b, :, :n] = torch.from_numpy(d["codes"][:n_codebooks, offset + start:offset + start + n].astype(np.int64))
     seq = delay(crops, codebook_size)  # (B, K, seq_len + K)
-    text, mask = text_rows(d, idx)
+    text, mask = text_rows(d, idx, gen if split == "train" else None)  # train: one of each clip's captions
     if split == "train":  # caption and word dropout, for classifier-free guidance
         mask &= torch.rand(mask.shape, generator=gen) >= word_dropout
         mask &= torch.rand(batch_size, 1, generator=gen) >= caption_dropout
@@ -370,7 +372,7 @@ if master and tensorboard_log:
 if master and sample_interval and model_type == "lm":  # the codec that turns the samples' tokens into audio
     sample_codec = load_dataset_codec(codec, root, device)
     with open(os.path.join(root, "val_captions.jsonl")) as f:
-        val_captions = [json.loads(line)["caption"] for line in f]
+        val_captions = [json.loads(line)["captions"][0] for line in f]  # the caption text_rows gives
 log_path = os.path.join(out_dir, "log.csv")
 columns = ["iter", "tokens_seen", "flops_seen", "train_seconds", "lr", "train_loss", *METRICS, "tokens_per_s", "mfu",
            "peak_mem_MB"]

@@ -9,6 +9,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import prepare  # noqa: E402
+
+prepare.keep_freed_memory()  # as every script does first
+
 
 def ssd_by_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, chunk_size=64,
                return_last_state=False):
@@ -28,7 +32,6 @@ def ssd_by_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, 
 
 def build_tiny_dataset(tmp, *argv):
     """A tiny synthetic dataset at tmp/tiny: 2-second songs, one clip each, the untrained codec (no network)."""
-    import prepare
     prepare.prepare(prepare.parse_args([f"--data_dir={tmp}", "--name=tiny", "--synth_seconds=2", "--clip_seconds=2",
                                         "--min_seconds=1", "--codec=untrained", *argv]))
     return tmp

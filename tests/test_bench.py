@@ -1,4 +1,4 @@
-"""bench.py's train, generate and stage2 sections on tiny shapes: every row is there and its numbers are sane.
+"""bench.py's train, generate, stage2 and prepare sections on tiny shapes: every row is there and its numbers are sane.
 (The kernel section's baselines are checked against the reference in test_scan.py.)"""
 import pytest
 
@@ -32,6 +32,16 @@ def test_generate_and_stage2_sections_rows():
     parts = bench.bench_stage2("cpu", bench.torch.float32, "tiny", seconds=0.5, steps=2)
     assert len(parts) == 4 and all(p["s_per_audio_s"] > 0 for p in parts[:3])
     assert parts[3]["s_per_audio_s"] == pytest.approx(parts[0]["s_per_audio_s"] - parts[1]["s_per_audio_s"])
+
+
+def test_prepare_section_rows():
+    """(The bound itself, a block against a whole file, is test_prepare.py's: here the file is 3 blocks long.)"""
+    rows = bench.bench_prepare("cpu", hours=3 / 60)  # a 3-minute recording: 61 MiB decoded to float32 stereo
+    assert [r["what"].split(" (")[0].split(",")[0] for r in rows] == ["imports only", "decode whole + resample",
+                                                                      "prepare.read_clips", "python prepare.py"]
+    imports, whole, blocks, prepared = (r["peak_rss_MiB"] for r in rows)
+    assert whole - imports > 50 and imports < blocks < whole and prepared > imports
+    assert all(r["seconds"] > 0 and r["system_s"] >= 0 for r in rows)
 
 
 def test_kernel_section_rows(monkeypatch):

@@ -198,10 +198,12 @@ def test_val_nll_is_the_training_loss_on_a_whole_clip(lm_runs):
     K, V = model.config.n_codebooks, model.config.codebook_size
     first, _ = evaluate.val_nll(model, d, L, first=10)
     per_clip, per_clip_first = [], []
-    for i, (o, n) in enumerate(d["clips"].tolist()):
+    for i, (o, n, _, _) in enumerate(d["clips"].tolist()):
         seq = delay(torch.from_numpy(d["codes"][:K, o:o + n].astype(np.int64))[None], V)
-        text = torch.from_numpy(d["text"][i:i + 1].astype(np.float32))
-        mask = torch.arange(text.shape[1])[None] < int(d["text_len"][i])
+        start, tokens = d["text_index"][d["clips"][i, 2]]  # the clip's first caption: its states, zero-padded
+        text = torch.zeros(1, d["max_tokens"], d["text"].shape[1])
+        text[0, :tokens] = torch.from_numpy(d["text"][start:start + tokens].astype(np.float32))
+        mask = torch.arange(text.shape[1])[None] < int(tokens)
         logits, _ = model(seq[:, :, :-1], text, mask)
         per_clip.append(codebook_losses(logits, seq[:, :, 1:]))
         per_clip_first.append(codebook_losses(logits[:, :, :10], seq[:, :, 1:11]))

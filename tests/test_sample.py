@@ -93,8 +93,11 @@ def test_cfg_1_is_the_conditional_model_alone(run_dir, tmp_path, monkeypatch):
                capture=codes, monkeypatch=monkeypatch)
     m, ckpt = sample.load_model(str(run_dir), "cpu", "float32")
     embed, _ = prepare.load_text_encoder("minilm")
-    text, n = embed([PROMPTS[0]], ckpt["data_meta"]["text_encoder"]["max_tokens"])
-    text, mask = torch.from_numpy(text.astype(np.float32)), torch.arange(text.shape[1])[None] < int(n[0])
+    T = ckpt["data_meta"]["text_encoder"]["max_tokens"]
+    (states, _), = embed([PROMPTS[0]], T)
+    text = torch.zeros(1, T, states.shape[1])  # the prompt's token states, zero-padded; the mask marks them
+    text[0, :len(states)] = torch.from_numpy(states.astype(np.float32))
+    mask = torch.arange(T)[None] < len(states)
     # by hand: the conditional rows only, no unconditional branch anywhere
     g = torch.Generator().manual_seed(3)
     K, V, steps = m.config.n_codebooks, m.config.codebook_size, codes[0].shape[-1]

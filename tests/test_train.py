@@ -167,7 +167,7 @@ def test_loggers_and_samples_while_training(data_dir, tmp_path):
     r = train_with(data_dir, out, tmp_path / "stub", "--max_iters=6", "--eval_interval=2", "--wandb_log=True",
                    "--tensorboard_log=True", "--sample_interval=2", "--sample_clips=2", "--sample_seconds=0.2")
     assert r.returncode == 0, r.stderr[-2000:]
-    captions = [json.loads(line)["caption"] for line in (data_dir / "tiny" / "val_captions.jsonl").open()][:2]
+    captions = [json.loads(line)["captions"][0] for line in (data_dir / "tiny" / "val_captions.jsonl").open()][:2]
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["iter_4"]  # evals 0, 2, 4, 6: every 2nd, not 0
     index = [json.loads(line) for line in (out / "samples" / "iter_4" / "captions.jsonl").open()]
     assert [row["caption"] for row in index] == captions
