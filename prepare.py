@@ -577,7 +577,7 @@ def keep_freed_memory():
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-4, 0)  # M_MMAP_MAX: never serve a buffer with its own mmap
-        libc.mallopt(-1, 1 << 34)  # M_TRIM_THRESHOLD: return memory only when 16 GiB lie free at the heap's top
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD (a C int): return memory only when 2 GiB lie free at the top
     except (OSError, AttributeError):
         pass
 

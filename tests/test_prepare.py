@@ -355,3 +355,15 @@ def test_data_from_an_older_prepare_stops_train_with_one_line(synth, tmp_path):
     r = run_train(tmp_path, tmp_path / "out", "configs/prefix_simba.py", "configs/tiny.py")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
     assert "older prepare.py" in r.stderr and "run prepare.py again" in r.stderr
+
+
+def test_fixed_captions_are_taken_without_encoding_again(tmp_path):
+    argv, _, _ = write_inputs(tmp_path, "song_describer")
+    _, root = build(tmp_path / "data", "--name=sd", *argv, *REAL)
+    work = {p: p.stat().st_mtime_ns for p in next(root.glob(".work-*")).glob("*.pt")}
+    caps = tmp_path / "caps.csv"
+    caps.write_text(caps.read_text().replace("only t2", "t2, corrected"))
+    build(tmp_path / "data", "--name=sd", *argv, *REAL)
+    assert {p: p.stat().st_mtime_ns for p in work} == work  # no audio encoded again
+    rows = [r for s in ("train", "val") for r in load_split(root, s)[5]]
+    assert [r["captions"] for r in rows if r["source"] == "t2.wav"][0] == ["t2, corrected"]
