@@ -563,9 +563,10 @@ def bench_stage2(device, dtype, size, seconds=10.0, steps=25):
 
 def bench_prepare(device, hours):
     """Peak memory of preparing one long recording (44.1 kHz stereo 16-bit wav: the synthetic songs end to end,
-    `hours` long) beside a short one, each way in its own process: decoding the long file whole and resampling
-    it (what prepare.py did before it read in blocks), reading it through prepare.read_clips in blocks, and the
-    whole `prepare.py` run (untrained codec, MiniLM). Peak RSS from the kernel's rusage of each process."""
+    `hours` long), each way in its own process: decoding it whole and resampling it (what prepare.py did before
+    it read in blocks), reading it through prepare.read_clips in blocks, and whole `prepare.py` runs (untrained
+    codec, MiniLM) on two 30 s files and on the long file beside a 30 s one: the same peak if memory does not
+    grow with the file."""
     import tempfile
 
     import numpy as np
@@ -583,19 +584,22 @@ def bench_prepare(device, hours):
             for i in tqdm(range(round(hours * 60)), desc="writing the long file", unit="min"):
                 wav = soxr.resample(prepare.synth_song(i, 60.0)[0], prepare.SAMPLE_RATE, sr)  # (samples,)
                 f.write(np.repeat(wav[:, None], 2, axis=1))  # (samples, 2)
-        short, caption, _ = prepare.synth_song(10_000, 30.0)
-        sf.write(audio / "short.wav", short, prepare.SAMPLE_RATE)
-        (audio / "short.txt").write_text(caption)
+        for folder in (audio, Path(tmp) / "short"):  # the long file's companion; two short files alone
+            folder.mkdir(exist_ok=True)
+            for i in (10_000, 10_001)[:1 if folder == audio else 2]:
+                wav, caption, _ = prepare.synth_song(i, 30.0)
+                sf.write(folder / f"{i}.wav", wav, prepare.SAMPLE_RATE)
+                (folder / f"{i}.txt").write_text(caption)
         programs = {
             "imports only (numpy, soundfile, soxr, torch)": "",
             "decode whole + resample": f"w = sf.read({str(long_file)!r}, dtype='float32', always_2d=True)[0]"
                                        f".mean(axis=1); w = soxr.resample(w, {sr}, 24000)",
             "prepare.read_clips, 60 s blocks": f"n = sum(len(c) for _, c in prepare.read_clips({str(long_file)!r}, "
                                                "30.0, 5.0))"}
-        prepare_argv = ["prepare.py", f"--audio_dir={audio}", f"--data_dir={tmp}", "--name=long", "--codec=untrained",
-                        f"--device={device}"]
-        programs[f"python prepare.py ({hours:g} h + 30 s, untrained codec)"] = (
-            f"import runpy, sys; sys.argv = {prepare_argv!r}; runpy.run_path('prepare.py', run_name='__main__')")
+        for name, folder in (("python prepare.py, two 30 s files", Path(tmp) / "short"),
+                             (f"python prepare.py, {hours:g} h + 30 s", audio)):
+            argv = ["prepare.py", f"--audio_dir={folder}", f"--data_dir={tmp}", "--codec=untrained", f"--device={device}"]
+            programs[name] = f"import runpy, sys; sys.argv = {argv!r}; runpy.run_path('prepare.py', run_name='__main__')"
         for name, code in programs.items():
             rows.append(dict(what=name, **peak_of("import numpy as np, soundfile as sf, soxr, prepare; " + code)))
     return rows

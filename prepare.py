@@ -91,7 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--max_text_tokens", type=int, default=128, help="caption tokens kept (77-word captions: about 105 FLAN-T5 tokens, 92 MiniLM); longer ones are cut and counted")
     p.add_argument("--synth_songs", type=int, default=60, help="synthetic set: number of songs")
     p.add_argument("--synth_seconds", type=float, default=60.0, help="synthetic set: length of each song")
-    p.add_argument("--batch_size", type=int, default=8, help="clips encoded at once")
+    p.add_argument("--batch_size", type=int, default=0, help="clips encoded at once (default: 8 on CUDA; 2 on a "
+                                                             "CPU, where 8 took 3x the memory, 6 GB, and was slower)")
     p.add_argument("--block_seconds", type=float, default=60.0, help="audio read and resampled at once: memory is "
                                                                      "bounded by this, not by the file's length")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -105,6 +106,7 @@ def parse_args(argv=None):
         sys.exit("prepare.py: give --audio_dir or --manifest, not both")
     if args.captions and not os.path.isfile(args.captions):
         sys.exit(f"prepare.py: --captions={args.captions} does not exist")
+    args.batch_size = args.batch_size or (8 if args.device.startswith("cuda") else 2)
     if args.name is None:
         args.name = (Path(args.audio_dir).resolve().name if args.audio_dir else
                      Path(args.manifest).resolve().parent.name if args.manifest else "synth")
@@ -719,12 +721,12 @@ def prepare(args, fail_after=None):
     embed, text_dim = load_text_encoder(args.text_encoder, args.device)
     meta_splits, cut = {}, []
     for split, chosen in splits.items():
-        clips = [(r, start, c) for r in chosen for start, c in zip(r["starts"], r["codes"])]
+        clips = [(j, start, c) for j, r in enumerate(chosen) for start, c in zip(r["starts"], r["codes"])]
         lengths = np.array([c.shape[1] for _, _, c in clips], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         total = int(lengths.sum())
-        n_captions = np.array([len(r["captions"]) for r in chosen], dtype=np.int64)  # a source's captions: all clips'
-        first_caption = dict(zip(map(id, chosen), np.concatenate([[0], np.cumsum(n_captions)[:-1]]).tolist()))
+        n_captions = np.array([len(r["captions"]) for r in chosen], dtype=np.int64)  # all clips of a source share them
+        first_caption = np.concatenate([[0], np.cumsum(n_captions)[:-1]]).astype(np.int64)  # per source
 
         def write_codes(tmp):
             mm = np.memmap(tmp, dtype=np.uint16, mode="w+", shape=(K, max(total, 1)))
@@ -744,11 +746,11 @@ def prepare(args, fail_after=None):
 
         atomic_write(out / f"{split}_codes.bin", write_codes)
         atomic_write(out / f"{split}_text.bin", write_text)
-        table = np.stack([offsets, lengths, [first_caption[id(r)] for r, _, _ in clips],
-                          [len(r["captions"]) for r, _, _ in clips]], 1).astype(np.int64)
+        source = np.array([j for j, _, _ in clips], dtype=np.int64)
+        table = np.stack([offsets, lengths, first_caption[source], n_captions[source]], 1)  # (n_clips, 4)
         atomic_write(out / f"{split}_clips.npy", lambda tmp: np.save(open(tmp, "wb"), table))
-        rows = [json.dumps(dict(captions=r["captions"], source=r["source"], start_second=s, attributes=r["attributes"]))
-                for r, s, _ in clips]
+        rows = [json.dumps(dict(captions=chosen[j]["captions"], source=chosen[j]["source"], start_second=s,
+                                attributes=chosen[j]["attributes"])) for j, s, _ in clips]
         atomic_write(out / f"{split}_captions.jsonl", lambda tmp: Path(tmp).write_text("".join(x + "\n" for x in rows)))
         meta_splits[split] = dict(clips=len(clips), captions=int(n_captions.sum()), frames=total,
                                   hours=total / FRAME_RATE / 3600, sources=len(chosen))
