@@ -362,8 +362,8 @@ def test_fixed_captions_are_taken_without_encoding_again(tmp_path):
     _, root = build(tmp_path / "data", "--name=sd", *argv, *REAL)
     work = {p: p.stat().st_mtime_ns for p in next(root.glob(".work-*")).glob("*.pt")}
     caps = tmp_path / "caps.csv"
-    caps.write_text(caps.read_text().replace("only t2", "t2, corrected"))
+    caps.write_text(caps.read_text().replace("only t2", "t2 corrected"))
     build(tmp_path / "data", "--name=sd", *argv, *REAL)
     assert {p: p.stat().st_mtime_ns for p in work} == work  # no audio encoded again
     rows = [r for s in ("train", "val") for r in load_split(root, s)[5]]
-    assert [r["captions"] for r in rows if r["source"] == "t2.wav"][0] == ["t2, corrected"]
+    assert [r["captions"] for r in rows if r["source"] == "t2.wav"][0] == ["t2 corrected"]
