@@ -131,10 +131,9 @@ def main(argv):
     settings = dict(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p, dtype=dtype,
                     stage2_dir=stage2_dir or None, stage2_steps=stage2_steps if stage2_dir else None,
                     stage2_temperature=stage2_temperature if stage2_dir else None)
-    cut = set()  # prompts longer than the model reads
+    cut, max_tokens = set(), data_meta["text_encoder"]["max_tokens"]  # prompts longer than the model reads
     for b in range(0, len(jobs), batch_size):
         batch = jobs[b:b + batch_size]
-        max_tokens = data_meta["text_encoder"]["max_tokens"]
         states = list(embed([p for p, _, _ in batch], max_tokens))
         for (p, _, _), (_, whole) in zip(batch, states):
             if whole > max_tokens and p not in cut:
