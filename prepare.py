@@ -92,7 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--synth_songs", type=int, default=60, help="synthetic set: number of songs")
     p.add_argument("--synth_seconds", type=float, default=60.0, help="synthetic set: length of each song")
     p.add_argument("--batch_size", type=int, default=0, help="clips encoded at once (default: 8 on CUDA; 2 on a "
-                                                             "CPU, where 8 took 3x the memory, 6 GB, and was slower)")
+                                                             "CPU, where larger batches take more memory)")
     p.add_argument("--block_seconds", type=float, default=60.0, help="audio read and resampled at once: memory is "
                                                                      "bounded by this, not by the file's length")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
