@@ -50,7 +50,7 @@ class ModelConfig:
     n_codebooks: int = 4        # K
     codebook_size: int = 1024   # V; token V is the special (empty) token of the delay pattern
     text_dim: int = 384         # width of the stored text embeddings (384 MiniLM, 768 FLAN-T5-base)
-    max_text_len: int = 64      # text tokens per caption (prefix length; used by the FLOPs estimate)
+    max_text_len: int = 64      # most text tokens per caption (train.py: the data's; the FLOPs estimate assumes all)
 
     def __post_init__(self):
         choices = {"block": ("mamba", "simba", "transformer"), "cond": ("prefix", "cross"),

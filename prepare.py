@@ -426,14 +426,15 @@ def load_text_encoder(name, device="cpu"):
     return embed, dim
 
 
-def pad_text(states, max_tokens):
-    """[token states (n_i, dim)] -> (text float32 (n, max_tokens, dim) zero-padded, text_mask bool (n, max_tokens),
-    True where a token is real), as the models take them."""
-    text = torch.zeros(len(states), max_tokens, states[0].shape[-1])
+def pad_text(states):
+    """[token states (n_i, dim)] -> (text float32 (n, T, dim), text_mask bool (n, T), True where a token is real), as
+    the models take them: zero-padded to the longest caption (T = max n_i), as the official code pads a batch, so a
+    prefix model reads no more zero positions than the batch needs (not --max_text_tokens of them)."""
+    text = torch.zeros(len(states), max([1] + [len(x) for x in states]), states[0].shape[-1])
     for i, x in enumerate(states):
         text[i, :len(x)] = torch.from_numpy(np.asarray(x, dtype=np.float32))
     lengths = torch.tensor([len(x) for x in states])
-    return text, torch.arange(max_tokens)[None] < lengths[:, None]
+    return text, torch.arange(text.shape[1])[None] < lengths[:, None]
 
 
 # -----------------------------------------------------------------------------
@@ -548,7 +549,7 @@ LAYOUT_VERSION = 2  # meta.json's "layout": bumped whenever the files below chan
 def read_split(root, split, meta):
     """The files prepare.py wrote for one split, as arrays (the big ones memory-mapped): clips (n, 4) frame offset,
     frames, first caption, captions; codes (n_codebooks, frames); text_index (n_captions, 2) token offset and
-    tokens; text (tokens, dim); max_tokens. meta: meta.json's dict. Exits if an older prepare.py wrote them."""
+    tokens; text (tokens, dim). meta: meta.json's dict. Exits if an older prepare.py wrote them."""
     if meta.get("layout") != LAYOUT_VERSION:
         sys.exit(f"{root} was written by an older prepare.py (data layout {meta.get('layout', 1)}, this code reads "
                  f"{LAYOUT_VERSION}): run prepare.py again with the same arguments")
@@ -556,8 +557,7 @@ def read_split(root, split, meta):
     return dict(clips=np.load(os.path.join(root, f"{split}_clips.npy")),
                 codes=np.memmap(os.path.join(root, f"{split}_codes.bin"), dtype=np.uint16, mode="r").reshape(K, -1),
                 text_index=np.load(os.path.join(root, f"{split}_text_index.npy")),
-                text=np.memmap(os.path.join(root, f"{split}_text.bin"), dtype=np.float16, mode="r").reshape(-1, dim),
-                max_tokens=meta["text_encoder"]["max_tokens"])
+                text=np.memmap(os.path.join(root, f"{split}_text.bin"), dtype=np.float16, mode="r").reshape(-1, dim))
 
 
 def text_rows(d, rows, gen=None):
@@ -566,7 +566,7 @@ def text_rows(d, rows, gen=None):
     first, count = d["clips"][rows, 2], d["clips"][rows, 3]
     if gen is not None:
         first = first + (torch.rand(len(rows), generator=gen).numpy() * count).astype(np.int64)
-    return pad_text([d["text"][o:o + n] for o, n in d["text_index"][first]], d["max_tokens"])
+    return pad_text([d["text"][o:o + n] for o, n in d["text_index"][first]])
 
 
 def keep_freed_memory():

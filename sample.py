@@ -140,7 +140,7 @@ def main(argv):
                 cut.add(p)
                 print(f"sample.py: the prompt {p[:40]!r}... is {whole} tokens; the model reads its first {max_tokens}",
                       file=sys.stderr)
-        text, mask = pad_text([x for x, _ in states], max_tokens)
+        text, mask = pad_text([x for x, _ in states])
         text, mask = text.to(device, getattr(torch, dtype)), mask.to(device)
         batch_seed = seed + b
         gen = torch.Generator(device).manual_seed(batch_seed)

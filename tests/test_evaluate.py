@@ -201,7 +201,9 @@ def test_val_nll_is_the_training_loss_on_a_whole_clip(lm_runs):
     for i, (o, n, _, _) in enumerate(d["clips"].tolist()):
         seq = delay(torch.from_numpy(d["codes"][:K, o:o + n].astype(np.int64))[None], V)
         start, tokens = d["text_index"][d["clips"][i, 2]]  # the clip's first caption: its states, zero-padded
-        text = torch.zeros(1, d["max_tokens"], d["text"].shape[1])
+        batch = d["clips"][i // evaluate.batch_size * evaluate.batch_size:][:evaluate.batch_size]
+        T = d["text_index"][batch[:, 2], 1].max()  # val_nll pads to the longest caption of the clip's batch
+        text = torch.zeros(1, T, d["text"].shape[1])
         text[0, :tokens] = torch.from_numpy(d["text"][start:start + tokens].astype(np.float32))
         mask = torch.arange(text.shape[1])[None] < int(tokens)
         logits, _ = model(seq[:, :, :-1], text, mask)

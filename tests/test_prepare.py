@@ -367,3 +367,10 @@ def test_fixed_captions_are_taken_without_encoding_again(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in work} == work  # no audio encoded again
     rows = [r for s in ("train", "val") for r in load_split(root, s)[5]]
     assert [r["captions"] for r in rows if r["source"] == "t2.wav"][0] == ["t2 corrected"]
+
+
+def test_text_is_padded_to_the_longest_caption_of_the_batch():
+    states = [np.full((3, 4), 1, np.float16), np.full((5, 4), 2, np.float16)]
+    text, mask = prepare.pad_text(states)
+    assert text.shape == (2, 5, 4) and mask.sum(1).tolist() == [3, 5]
+    assert (text[0, :3] == 1).all() and (text[0, 3:] == 0).all() and (text[1] == 2).all()

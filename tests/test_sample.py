@@ -95,9 +95,8 @@ def test_cfg_1_is_the_conditional_model_alone(run_dir, tmp_path, monkeypatch):
     embed, _ = prepare.load_text_encoder("minilm")
     T = ckpt["data_meta"]["text_encoder"]["max_tokens"]
     (states, _), = embed([PROMPTS[0]], T)
-    text = torch.zeros(1, T, states.shape[1])  # the prompt's token states, zero-padded; the mask marks them
-    text[0, :len(states)] = torch.from_numpy(states.astype(np.float32))
-    mask = torch.arange(T)[None] < len(states)
+    text = torch.from_numpy(states.astype(np.float32))[None]  # the prompt's token states, unpadded: it is alone
+    mask = torch.ones(1, len(states), dtype=torch.bool)
     # by hand: the conditional rows only, no unconditional branch anywhere
     g = torch.Generator().manual_seed(3)
     K, V, steps = m.config.n_codebooks, m.config.codebook_size, codes[0].shape[-1]
