@@ -44,7 +44,6 @@ the single-stage LM's cost of writing codebooks 1..3 itself (prefix_simba minus 
 prepare: peak memory (RSS) and system seconds of reading an hour-long 44.1 kHz stereo recording whole as before
 and in prepare.py's blocks, and of the whole `python prepare.py` run on it, each in its own process.
 """
-import argparse
 import functools
 import importlib.util
 import json
@@ -65,7 +64,8 @@ from tqdm import tqdm
 
 import model
 import scan
-from prepare import atomic_write, keep_freed_memory
+from configurator import configure
+from prepare import FRAME_RATE, SAMPLE_RATE, atomic_write, keep_freed_memory, synth_song
 
 # peak memory bandwidth in GB/s, from the vendors' data sheets, by device name
 PEAK_GBPS = {"H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800,
@@ -421,7 +421,7 @@ def bench_train(device, reps, size, seconds=30.0, multiples=(1, 2, 4), profile=F
         text = torch.randn(1, cfg.max_text_len, cfg.text_dim, generator=g).to(device)
         mask = torch.ones(1, cfg.max_text_len, dtype=torch.bool, device=device)
         for mult in multiples:
-            frames = round(mult * seconds * 75)
+            frames = round(mult * seconds * FRAME_RATE)
             seq = model.delay(torch.randint(0, cfg.codebook_size, (1, cfg.n_codebooks, frames), generator=g),
                               cfg.codebook_size).to(device)  # (1, K, frames + K)
 
@@ -524,7 +524,7 @@ def bench_generate(device, dtype, reps, size, positions, rtf_seconds=30.0, windo
         for pos in tqdm(positions, desc=f"{name}: recomputed steps", leave=False):
             t = timeit(lambda: m(tokens[:, :, :pos + 1], text, mask), device, reps)
             rows.append(dict(base, mode="recompute", position=pos, ms_per_step=1e3 * t))
-        frames = round(rtf_seconds * 75)  # real-time factor: one caption, all of generate() (prefill, sampling, CFG)
+        frames = round(rtf_seconds * FRAME_RATE)  # real-time factor: one caption, all of generate() (prefill, sampling, CFG)
         for graph in graphs:
             t = timeit(functools.partial(m.generate, text[:1], mask[:1], frames, cfg=3.0, cuda_graph=graph), device, 1)
             rows.append(dict(base, mode=f"generate {rtf_seconds:g} s, cfg 3" + (", CUDA graph" if graph else ""),
@@ -539,7 +539,7 @@ def bench_stage2(device, dtype, size, seconds=10.0, steps=25):
     """Seconds of compute per second of audio for the two-stage design's parts, one caption (batch 1): stage 2
     (the diffusion model, `steps` DPM-Solver++ steps over the whole clip) and the cost it replaces, the extra
     codebooks the single-stage LM writes (prefix_simba's 4 codebooks against two_stage_simba's codebook 0)."""
-    frames = round(seconds * 75)
+    frames = round(seconds * FRAME_RATE)
     rows = []
     for name in ("prefix_simba", "two_stage_simba"):
         cfg = variant_config(name, size)
@@ -573,22 +573,21 @@ def bench_prepare(device, hours):
     import soundfile as sf
     import soxr
 
-    import prepare
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         audio = Path(tmp) / "audio"
         audio.mkdir()
         long_file, sr = audio / "long.wav", 44100
-        (audio / "long.txt").write_text(prepare.synth_song(0, 1.0)[1])
+        (audio / "long.txt").write_text(synth_song(0, 1.0)[1])
         with sf.SoundFile(long_file, "w", sr, 2, "PCM_16") as f:  # written a minute at a time
             for i in tqdm(range(round(hours * 60)), desc="writing the long file", unit="min"):
-                wav = soxr.resample(prepare.synth_song(i, 60.0)[0], prepare.SAMPLE_RATE, sr)  # (samples,)
+                wav = soxr.resample(synth_song(i, 60.0)[0], SAMPLE_RATE, sr)  # (samples,)
                 f.write(np.repeat(wav[:, None], 2, axis=1))  # (samples, 2)
         for folder in (audio, Path(tmp) / "short"):  # the long file's companion; two short files alone
             folder.mkdir(exist_ok=True)
             for i in (10_000, 10_001)[:1 if folder == audio else 2]:
-                wav, caption, _ = prepare.synth_song(i, 30.0)
-                sf.write(folder / f"{i}.wav", wav, prepare.SAMPLE_RATE)
+                wav, caption, _ = synth_song(i, 30.0)
+                sf.write(folder / f"{i}.wav", wav, SAMPLE_RATE)
                 (folder / f"{i}.txt").write_text(caption)
         programs = {
             "imports only (numpy, soundfile, soxr, torch)": "",
@@ -626,20 +625,30 @@ def markdown(rows):
     return "\n".join(lines)
 
 
-def main():
+# -----------------------------------------------------------------------------
+# settings: python bench.py --key=value ... (configurator.py; --help lists them)
+DEFAULTS = dict(
+    section="kernel",  # kernel | train | generate | stage2 | prepare | all (all but prepare)
+    device="cuda" if torch.cuda.is_available() else "cpu",  # cpu | cuda
+    dtype="float32",  # float32 | bfloat16
+    reps=5,  # timed runs per measurement (the reference runs once)
+    size="",  # train, generate, stage2: model size, tiny | paper (empty: paper on CUDA, tiny on CPU)
+    positions="100,1000,4000",  # generate: positions to time, comma-separated
+    profile=False,  # train: print a torch.profiler table per model at 30 s
+    hours=1.0,  # prepare: length of the long recording
+    out="out-bench",  # folder for the JSON files
+)
+CHOICES = dict(section=("kernel", "train", "generate", "stage2", "prepare", "all"), device=("cpu", "cuda"),
+               dtype=("float32", "bfloat16"), size=("", "tiny", "paper"))
+# -----------------------------------------------------------------------------
+
+
+def main(argv):
     keep_freed_memory()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--section", default="kernel", choices=["kernel", "train", "generate", "stage2", "prepare", "all"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--reps", type=int, default=5, help="timed runs per measurement (the reference runs once)")
-    p.add_argument("--size", default=None, choices=["tiny", "paper"],
-                   help="train, generate, stage2: model size (default: paper on CUDA, tiny on CPU)")
-    p.add_argument("--positions", default="100,1000,4000", help="generate: positions to time, comma-separated")
-    p.add_argument("--profile", action="store_true", help="train: print a torch.profiler table per model at 30 s")
-    p.add_argument("--hours", type=float, default=1.0, help="prepare: length of the long recording")
-    p.add_argument("--out", default="out-bench", help="folder for the JSON files")
-    args = p.parse_args()
+    args = types.SimpleNamespace(**configure(dict(DEFAULTS), argv, "bench.py", __doc__))
+    for key, allowed in CHOICES.items():
+        if getattr(args, key) not in allowed:
+            sys.exit(f"bench.py: --{key}={getattr(args, key)!r}: expected one of {', '.join(allowed)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench.py: --device=cuda but torch sees no GPU; use --device=cpu")
     dtype = getattr(torch, args.dtype)
@@ -665,4 +674,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -1,22 +1,27 @@
-"""Overrides for a script's module-level defaults, as nanoGPT does it, with checks:
+"""Settings for every script, as nanoGPT gives them, with checks:
 
     python train.py configs/prefix_simba.py configs/tiny.py --n_layer=6 --learning_rate=3e-4
+    python prepare.py --audio_dir=music --captions=musiccaps.csv --name=musiccaps
+    python prepare.py --help                     # every setting, its default and its comment
 
-Arguments are applied in order: a path runs as a Python file whose assignments override the defaults (it can
-read the values set so far, as configs/tiny.py does); a
---key=value sets one default (the value is read as a Python literal, else taken as a string). A key that is
-not a default, or a value of another type than the default's, stops the run with a one-line message.
+A script's settings are its defaults (train.py's module-level assignments; a dict in the others), each with a
+comment. Arguments are applied in order: a path runs as a Python file whose assignments override the defaults
+(it can read the values set so far, as configs/tiny.py does); a --key=value sets one (the value is read as a
+Python literal, else taken as a string; a setting whose default is a string takes the text as it is). A key
+that is not a setting, or a value of another type than the default's, stops the run with a one-line message.
 """
 import ast
 import difflib
+import re
 import sys
+from pathlib import Path
 
 
 def _check(script, defaults, key, value, where):
     if key not in defaults:
         close = difflib.get_close_matches(key, list(defaults), n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
-        sys.exit(f"{script}: unknown config key {key!r} in {where}{hint}")
+        sys.exit(f"{script}: unknown config key {key!r} in {where}{hint} (see python {script} --help)")
     default = defaults[key]
     if default is None or value is None:
         return value
@@ -30,27 +35,48 @@ def _check(script, defaults, key, value, where):
     return value
 
 
-def configure(defaults, argv, script):
-    """Apply config files and --key=value flags from argv to the dict `defaults` (a module's globals) in place;
-    return {key: value} of every overridable default (what the checkpoint records)."""
+def run_config_file(path, values, script):
+    """A config file (Python assignments) run seeing `values`, the settings so far (tiny.py scales n_layer) ->
+    {key: value} of what it sets."""
+    try:
+        source = open(path).read()
+    except OSError as e:
+        sys.exit(f"{script}: cannot read config file {path}: {e.strerror}")
+    assigned = {}
+    exec(compile(source, str(path), "exec"), dict(values), assigned)
+    return {k: v for k, v in assigned.items() if not k.startswith("_")}
+
+
+def _help(script, keys, doc):
+    """The script's docstring, then each setting as --key=default with the comment on its line in the script."""
+    source = (Path(__file__).parent / script).read_text().splitlines()
+    lines = [(doc or "").strip(), "", "settings (--key=value, or a Python file of assignments):"]
+    for key, value in keys.items():
+        line = next((s for s in source if re.match(rf"\s*{key}\s*=", s) and "  # " in s), "")
+        comment = line.split("  # ", 1)[1] if "  # " in line else ""
+        setting = f"  --{key}={value!r}"
+        lines.append(f"{setting:<36} {comment}".rstrip())
+    print("\n".join(lines))
+    sys.exit(0)
+
+
+def configure(defaults, argv, script, doc=None):
+    """Apply config files and --key=value flags from argv to the dict `defaults` (train.py: its module's globals;
+    the other scripts: a copy of their DEFAULTS) in place; return {key: value} of every setting. --help prints
+    the settings (doc: the script's docstring) and exits."""
     keys = {k: v for k, v in defaults.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}
+    if "--help" in argv or "-h" in argv:
+        _help(script, keys, doc if doc is not None else defaults.get("__doc__"))
     for arg in argv:
         if not arg.startswith("--"):
-            try:
-                source = open(arg).read()
-            except OSError as e:
-                sys.exit(f"{script}: cannot read config file {arg}: {e.strerror}")
-            values = {}  # the file sees the values so far (tiny.py scales n_layer) and sets new ones
-            exec(compile(source, arg, "exec"), dict(keys), values)
-            for key, value in values.items():
-                if not key.startswith("_"):
-                    keys[key] = defaults[key] = _check(script, keys, key, value, arg)
+            for key, value in run_config_file(arg, keys, script).items():
+                keys[key] = defaults[key] = _check(script, keys, key, value, arg)
         else:
             key, sep, text = arg[2:].partition("=")
             if not sep:
-                sys.exit(f"{script}: expected --key=value, got {arg}")
+                sys.exit(f"{script}: expected --key=value, got {arg} (see python {script} --help)")
             try:
-                value = ast.literal_eval(text)
+                value = text if isinstance(keys.get(key), str) else ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 value = text  # a plain string
             keys[key] = defaults[key] = _check(script, keys, key, value, f"--{key}")

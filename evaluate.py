@@ -29,6 +29,7 @@ import json
 import os
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,8 @@ from tqdm import tqdm
 
 from configurator import configure
 from model import codebook_losses, delay, load_run
-from prepare import atomic_write, keep_freed_memory, read_captions, read_split, text_rows
+from prepare import (AUDIO_EXTENSIONS, DataError, atomic_write, keep_freed_memory, read_captions, read_split,
+                     text_rows)
 
 # -----------------------------------------------------------------------------
 section = "offline"  # offline | audio | stage2 (--runs compares runs)
@@ -473,10 +475,10 @@ def load_audio(path, rate, channels):
 
 
 def wav_files(folder, flag):
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".wav", ".flac", ".ogg", ".mp3")) \
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in AUDIO_EXTENSIONS) \
         if Path(folder).is_dir() else []
     if not files:
-        sys.exit(f"evaluate.py: --{flag}={folder} holds no audio files (.wav, .flac, .ogg, .mp3)")
+        sys.exit(f"evaluate.py: --{flag}={folder} holds no audio files ({', '.join(AUDIO_EXTENSIONS)})")
     return {p.stem: p for p in files}
 
 
@@ -540,9 +542,9 @@ def evaluate_audio():
     if prompts_file:  # generate first, with sample.py's own code
         import sample
         gen_dir = os.path.join(out_dir, "samples_eval")
-        sample.main([f"--out_dir={out_dir}", f"--ckpt={ckpt}", f"--ema={ema}", f"--prompts_file={prompts_file}",
-                     f"--samples_dir={gen_dir}", f"--seconds={seconds}", f"--seed={seed}", f"--device={device}",
-                     "--overwrite=True"])
+        sample.run(types.SimpleNamespace(**dict(sample.DEFAULTS, out_dir=out_dir, ckpt=ckpt, ema=ema, seed=seed,
+                                                prompts_file=prompts_file, samples_dir=gen_dir, seconds=seconds,
+                                                device=device, overwrite=True)))
     if not gen_dir or not reference:
         sys.exit("evaluate.py: the audio section needs --generated=DIR (or --out_dir with --prompts_file) and --reference=DIR")
     gen_files, ref_files = wav_files(gen_dir, "generated"), wav_files(reference, "reference")
@@ -816,6 +818,14 @@ def main(argv):
             sys.exit("evaluate.py: --runs needs one or more run folders")
         argv = argv[:i] + [f"--runs={tuple(argv[i + 1:j])!r}"] + argv[j:]
     configure(globals(), argv, "evaluate.py")
+    try:
+        return run_section()
+    except DataError as e:
+        sys.exit(f"evaluate.py: {e}")
+
+
+def run_section():
+    """The section the settings ask for (or the --runs comparison) -> its result, also saved as JSON."""
     if runs:
         return compare(runs)
     sections = dict(offline=(evaluate_offline, print_offline, out_dir), audio=(evaluate_audio, print_audio, None),

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from configurator import run_config_file
 from scan import causal_conv_step, conv_ring_state, selective_scan, selective_state_update, ssd_scan, ssd_step
 
 
@@ -68,12 +69,11 @@ class ModelConfig:
 
 
 def read_config(*paths, **overrides):
-    """A ModelConfig from config files (plain Python assignments, later files win) and keyword overrides.
+    """A ModelConfig from config files (read as train.py reads them, later files win) and keyword overrides.
     Keys that are not model keys (out_dir, training settings) are left to train.py."""
-    values = {}
-    for path in paths:  # each file sees the values so far, as in configurator.py
-        with open(path) as f:
-            exec(f.read(), {**asdict(ModelConfig()), **values}, values)
+    values = asdict(ModelConfig())
+    for path in paths:
+        values.update(run_config_file(path, values, "model.read_config"))
     values.update(overrides)
     keys = {f.name for f in fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in values.items() if k in keys})

@@ -39,7 +39,6 @@ Text: MiniLM (shipped in a wheel, works offline) or FLAN-T5-base (the paper's: -
 states up to --max_text_tokens (128: the paper's 30-77-word captions take up to about 105 FLAN-T5 tokens); the
 captions cut at the limit are counted in the summary line and in meta.json.
 """
-import argparse
 import csv
 import ctypes
 import gzip
@@ -59,45 +58,52 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from configurator import configure
+
 SAMPLE_RATE = 24_000  # EnCodec 24 kHz
 FRAME_RATE = 75  # codec frames per second (hop 320)
 CODEBOOK_SIZE = 1024
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--audio_dir", help="folder of audio files (searched recursively); omit for the synthetic set")
-    p.add_argument("--manifest", help="instead of --audio_dir: an audiocraft manifest, data.jsonl or data.jsonl.gz")
-    p.add_argument("--captions", help="CSV, JSON or JSONL of captions; omit to read NAME.json (audiocraft's "
-                                      "metadata) or NAME.txt next to each file")
-    p.add_argument("--id_key", default=None, help="caption file: field naming the audio (default: ytid, path or id)")
-    p.add_argument("--caption_key", default="caption", help="caption file: field holding the caption")
-    p.add_argument("--start_key", default="start_s", help="caption file: field with the segment's start second "
-                                                          "(MusicCaps); empty: whole files")
-    p.add_argument("--end_key", default="end_s", help="caption file: field with the segment's end second")
-    p.add_argument("--name", default=None, help="dataset name: writes data/<name> (default: synth, the folder's "
-                                                "name, or the manifest's folder's name)")
-    p.add_argument("--data_dir", default="data")
-    p.add_argument("--clip_seconds", type=float, default=30.0, help="clip length (the paper: 30 s)")
-    p.add_argument("--min_seconds", type=float, default=5.0, help="keep a file's last clip if at least this long")
-    p.add_argument("--val_fraction", type=float, default=0.1, help="fraction of source files held out")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--codec", default="encodec", choices=["encodec", "untrained"])
-    p.add_argument("--codec_ckpt", default=None, help="local EnCodec 24 kHz state dict (encodec_24khz-d7cc33bc.th)")
-    p.add_argument("--bandwidth", type=float, default=6.0, choices=[1.5, 3.0, 6.0, 12.0, 24.0],
-                   help="kbps; codebooks stored = bandwidth / 0.75")
-    p.add_argument("--text_encoder", default="minilm", choices=["minilm", "flan-t5-base"])
-    p.add_argument("--max_text_tokens", type=int, default=128, help="caption tokens kept (77-word captions: about 105 FLAN-T5 tokens, 92 MiniLM); longer ones are cut and counted")
-    p.add_argument("--synth_songs", type=int, default=60, help="synthetic set: number of songs")
-    p.add_argument("--synth_seconds", type=float, default=60.0, help="synthetic set: length of each song")
-    p.add_argument("--batch_size", type=int, default=0, help="clips encoded at once (default: 8 on CUDA; 2 on a "
-                                                             "CPU, where larger batches take more memory)")
-    p.add_argument("--block_seconds", type=float, default=60.0, help="audio read and resampled at once: memory is "
-                                                                     "bounded by this, not by the file's length")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.error = lambda message: sys.exit(f"prepare.py: {message} (see python prepare.py --help)")
-    args = p.parse_args(argv)
+# -----------------------------------------------------------------------------
+# settings: python prepare.py --key=value ... (configurator.py; --help lists them)
+DEFAULTS = dict(
+    audio_dir="",  # folder of audio files (searched recursively); empty: the built-in synthetic set
+    manifest="",  # instead of audio_dir: an audiocraft manifest, data.jsonl or data.jsonl.gz
+    captions="",  # CSV, JSON or JSONL of captions; empty: NAME.json or NAME.txt beside each file
+    id_key="",  # caption table: the field naming the audio (empty: ytid, path or id)
+    caption_key="caption",  # caption table: the field holding the caption
+    start_key="start_s",  # caption table: the segment's start second (MusicCaps); empty: whole files
+    end_key="end_s",  # caption table: the segment's end second
+    name="",  # writes data_dir/name (empty: synth, the audio folder's name, or the manifest's folder's name)
+    data_dir="data",
+    clip_seconds=30.0,  # clip length (the paper: 30 s)
+    min_seconds=5.0,  # a file's last clip is kept if at least this long
+    val_fraction=0.1,  # fraction of source files held out
+    seed=0,
+    codec="encodec",  # encodec (pretrained) | untrained (its architecture, k-means codebooks)
+    codec_ckpt="",  # a local EnCodec 24 kHz state dict (encodec_24khz-d7cc33bc.th)
+    bandwidth=6.0,  # kbps: 1.5, 3, 6, 12 or 24; codebooks stored = bandwidth / 0.75
+    text_encoder="minilm",  # minilm | flan-t5-base (the paper's)
+    max_text_tokens=128,  # caption tokens kept (77 words: about 105 FLAN-T5 tokens); longer ones are cut, counted
+    synth_songs=60,  # synthetic set: number of songs
+    synth_seconds=60.0,  # synthetic set: length of each song
+    batch_size=0,  # clips encoded at once (0: 8 on CUDA, 2 on a CPU, where larger batches take more memory)
+    block_seconds=60.0,  # audio read and resampled at once: memory is bounded by this, not by the file
+    device="cuda" if torch.cuda.is_available() else "cpu",
+)
+CHOICES = dict(codec=("encodec", "untrained"), bandwidth=(1.5, 3.0, 6.0, 12.0, 24.0),
+               text_encoder=("minilm", "flan-t5-base"))
+# -----------------------------------------------------------------------------
+
+
+def parse_args(argv=()):
+    """--key=value arguments over DEFAULTS -> the settings as a namespace, checked (one-line exits)."""
+    args = types.SimpleNamespace(**configure(dict(DEFAULTS), list(argv), "prepare.py", __doc__))
+    for key, allowed in CHOICES.items():
+        if getattr(args, key) not in allowed:
+            sys.exit(f"prepare.py: --{key}={getattr(args, key)!r}: expected one of {', '.join(map(str, allowed))}")
     if args.audio_dir and not os.path.isdir(args.audio_dir):
         sys.exit(f"prepare.py: --audio_dir={args.audio_dir} is not a folder")
     if args.manifest and not os.path.isfile(args.manifest):
@@ -107,7 +113,7 @@ def parse_args(argv=None):
     if args.captions and not os.path.isfile(args.captions):
         sys.exit(f"prepare.py: --captions={args.captions} does not exist")
     args.batch_size = args.batch_size or (8 if args.device.startswith("cuda") else 2)
-    if args.name is None:
+    if not args.name:
         args.name = (Path(args.audio_dir).resolve().name if args.audio_dir else
                      Path(args.manifest).resolve().parent.name if args.manifest else "synth")
     return args
@@ -115,6 +121,11 @@ def parse_args(argv=None):
 
 class Skip(Exception):
     """An input that cannot be used; the message is the reason written to skipped.jsonl."""
+
+
+class DataError(Exception):
+    """Data that cannot be used as it is (a caption table that does not parse, nothing usable, data written by an
+    older prepare.py, a missing codec); the message says what to do. The scripts print it on one line and exit."""
 
 
 # -----------------------------------------------------------------------------
@@ -161,10 +172,10 @@ def read_captions(path, id_key=None, caption_key="caption", start_key="start_s",
             data = json.loads(text)
             table = ([dict(v, _key=k) for k, v in data.items()] if isinstance(data, dict) else data)
     except (json.JSONDecodeError, csv.Error) as e:
-        sys.exit(f"prepare.py: --captions={path} does not parse: {e}")
+        raise DataError(f"--captions={path} does not parse: {e}")
     keys = [id_key] if id_key else ["ytid", "path", "id", "_key"]
     if not any(isinstance(r, dict) and caption_key in r and any(r.get(k) for k in keys) for r in table):
-        sys.exit(f"prepare.py: --captions={path}: no row has the fields {id_key or 'ytid/path/id'} and "
+        raise DataError(f"--captions={path}: no row has the fields {id_key or 'ytid/path/id'} and "
                  f"{caption_key!r} (set --id_key / --caption_key); first row: {str(table[:1])[:200]}")
     rows, bad = {}, []
     for n, row in enumerate(table, 1):
@@ -194,6 +205,13 @@ def read_captions(path, id_key=None, caption_key="caption", start_key="start_s",
 SIDECAR_FIELDS = ("genre", "moods", "instrument", "keywords", "bpm", "key")  # audiocraft's metadata fields
 
 
+def field_text(value):
+    """A sidecar field as audiocraft writes it into a caption: a list joined with commas, 96.0 as 96."""
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def sidecar_captions(path):
     """The captions an audio file carries beside it: NAME.json (audiocraft's metadata: its "description", a string
     or a list of them; without one, its metadata fields written out as audiocraft merges them into a description,
@@ -210,9 +228,7 @@ def sidecar_captions(path):
         captions = [d.strip() for d in (description if isinstance(description, list) else [description])
                     if isinstance(d, str) and d.strip()]
         if not captions:
-            fields = [(k, meta[k]) for k in SIDECAR_FIELDS if meta.get(k) not in (None, "", [])]
-            text = ". ".join(f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else f'{v:g}' if isinstance(v, float) else v}"
-                             for k, v in fields)
+            text = ". ".join(f"{k}: {field_text(meta[k])}" for k in SIDECAR_FIELDS if meta.get(k) not in (None, "", []))
             captions = [text] if text else []
     else:
         captions = [txt.read_text(encoding="utf-8").strip()] if txt.exists() else []
@@ -323,11 +339,11 @@ def load_dataset_codec(codec_meta, root, device="cpu"):
     if codec_meta["pretrained"]:
         codec, pretrained = load_codec("encodec", None, codec_meta["bandwidth"], device)
         if not pretrained:
-            sys.exit("the data was encoded with the pretrained EnCodec, whose weights cannot be loaded here")
+            raise DataError("the data was encoded with the pretrained EnCodec, whose weights cannot be loaded here")
         return codec
     path = os.path.join(root, codec_meta["checkpoint"])
     if not os.path.isfile(path):
-        sys.exit(f"the untrained codec of the data is missing: {path}")
+        raise DataError(f"the untrained codec of the data is missing: {path}")
     codec, _ = load_codec("untrained", None, codec_meta["bandwidth"], device)  # repeats the warning
     codec.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return codec.to(device).eval()
@@ -549,9 +565,9 @@ LAYOUT_VERSION = 2  # meta.json's "layout": bumped whenever the files below chan
 def read_split(root, split, meta):
     """The files prepare.py wrote for one split, as arrays (the big ones memory-mapped): clips (n, 4) frame offset,
     frames, first caption, captions; codes (n_codebooks, frames); text_index (n_captions, 2) token offset and
-    tokens; text (tokens, dim). meta: meta.json's dict. Exits if an older prepare.py wrote them."""
+    tokens; text (tokens, dim). meta: meta.json's dict. Raises DataError if an older prepare.py wrote them."""
     if meta.get("layout") != LAYOUT_VERSION:
-        sys.exit(f"{root} was written by an older prepare.py (data layout {meta.get('layout', 1)}, this code reads "
+        raise DataError(f"{root} was written by an older prepare.py (data layout {meta.get('layout', 1)}, this code reads "
                  f"{LAYOUT_VERSION}): run prepare.py again with the same arguments")
     K, dim = meta["codec"]["n_codebooks"], meta["text_encoder"]["dim"]
     return dict(clips=np.load(os.path.join(root, f"{split}_clips.npy")),
@@ -605,7 +621,7 @@ def list_sources(args):
         files, skipped = [(str(p.relative_to(args.audio_dir)), p) for p in sorted(Path(args.audio_dir).rglob("*"))
                           if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS], []
     if not files:
-        sys.exit(f"prepare.py: no {'/'.join(AUDIO_EXTENSIONS)} files in "
+        raise DataError(f"no {'/'.join(AUDIO_EXTENSIONS)} files in "
                  f"{f'--manifest={args.manifest}' if args.manifest else f'--audio_dir={args.audio_dir}'}")
 
     def source(name, path, captions, segment=None):
@@ -648,7 +664,7 @@ def synth_source(index, args):
 def prepare(args, fail_after=None):
     """Build data/<name>. fail_after: raise after encoding that many sources (tests simulate a kill with it)."""
     out = Path(args.data_dir) / args.name
-    settings = dict(clip=args.clip_seconds, min=args.min_seconds, codec=args.codec, ckpt=args.codec_ckpt,
+    settings = dict(clip=args.clip_seconds, min=args.min_seconds, codec=args.codec, ckpt=args.codec_ckpt or None,
                     bw=args.bandwidth, seed=args.seed, synth=None if args.audio_dir or args.manifest else args.synth_seconds,
                     layout=2)
     work = out / f".work-{hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]}"
@@ -670,7 +686,7 @@ def prepare(args, fail_after=None):
             if len(sample) >= 16:
                 break
         if not sample:
-            sys.exit(f"prepare.py: nothing usable in {args.audio_dir or args.manifest}: no file could be read as audio")
+            raise DataError(f"nothing usable in {args.audio_dir or args.manifest}: no file could be read as audio")
         kmeans_init_codebooks(codec, sample, seed=args.seed)
         atomic_write(untrained_state, lambda tmp: torch.save(codec.state_dict(), tmp))
 
@@ -678,7 +694,7 @@ def prepare(args, fail_after=None):
         return work / (hashlib.sha1(source.encode()).hexdigest()[:16] + ".pt")
 
     done = 0
-    for source, _, _, open_source in tqdm(sources, desc="encoding", unit="source"):
+    for source, _, listed, open_source in tqdm(sources, desc="encoding", unit="source"):
         if entry(source).exists():
             continue  # finished in an earlier run
         try:
@@ -687,7 +703,9 @@ def prepare(args, fail_after=None):
             for batch in iter(lambda: list(itertools.islice(clips, args.batch_size)), []):  # until a batch is empty
                 starts += [s for s, _ in batch]
                 codes += encode_clips(codec, [w for _, w in batch], args.batch_size)
-            record = dict(source=source, captions=captions, attributes=attributes, starts=starts, codes=codes)
+            record = dict(source=source, attributes=attributes, starts=starts, codes=codes)
+            if listed is None:  # the synthetic set's captions come with its audio; the others are read below
+                record["captions"] = captions
         except Skip as e:
             record = dict(source=source, skipped=str(e))
         atomic_write(entry(source), lambda tmp: torch.save(record, tmp))
@@ -703,14 +721,14 @@ def prepare(args, fail_after=None):
     good = [r for r in records if "skipped" not in r and r["codes"]]
     atomic_write(out / "skipped.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(s) + "\n" for s in skipped)))
     if not good:
-        sys.exit(f"prepare.py: nothing usable in {args.audio_dir or args.manifest or 'synth'}: all {len(skipped)} "
+        raise DataError(f"nothing usable in {args.audio_dir or args.manifest or 'synth'}: all {len(skipped)} "
                  f"inputs were skipped (reasons in {out / 'skipped.jsonl'})")
 
     # split by source file: every clip of a song (all its segments too) lands in the same split
     file_of = {source: name for source, name, _, _ in sources}
     files = sorted({file_of[r["source"]] for r in good})
     if len(files) < 2:
-        sys.exit(f"prepare.py: only one usable file ({files[0]}); a dataset needs two or more, one of them for val "
+        raise DataError(f"only one usable file ({files[0]}); a dataset needs two or more, one of them for val "
                  f"(the others were skipped: {out / 'skipped.jsonl'})")
     random.Random(args.seed).shuffle(files)
     n_val = min(len(files) - 1, max(1, round(args.val_fraction * len(files))))
@@ -777,4 +795,7 @@ def prepare(args, fail_after=None):
 
 if __name__ == "__main__":
     keep_freed_memory()
-    prepare(parse_args())
+    try:
+        prepare(parse_args(sys.argv[1:]))
+    except DataError as e:
+        sys.exit(f"prepare.py: {e}")

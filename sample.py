@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -21,31 +22,35 @@ from tqdm import tqdm
 
 from configurator import configure
 from model import export_run, load_run
-from prepare import atomic_write, keep_freed_memory, load_dataset_codec, load_text_encoder, pad_text, read_captions
+from prepare import (DataError, atomic_write, keep_freed_memory, load_dataset_codec, load_text_encoder, pad_text,
+                     read_captions)
 
 # -----------------------------------------------------------------------------
-out_dir = "out"  # the training run
-ckpt = "best"  # which of its checkpoints: best (best.pt where it exists, else the latest) | last (ckpt.pt) | a file
-ema = True  # the run's EMA weights where it kept them (train.py ema_decay); False: the raw weights
-export = ""  # a folder: write the checkpoint's weights there as model.safetensors + model.json, then stop
-samples_dir = ""  # default: out_dir/samples
-prompt = ""
-prompts_file = ""  # one prompt per line, or a CSV/JSON/JSONL caption file as prepare.py reads
-seconds = 10.0
-num_samples = 1  # files per prompt
-cfg = 3.0  # classifier-free guidance scale; 1 = the conditional model alone
-temperature = 1.0
-top_k = 250
-top_p = 0.0
-seed = 1337
-batch_size = 8
-device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "float32"
-cuda_graph = True  # on CUDA, replay each decoding step from a captured CUDA graph (model.MusicLM.generate)
-overwrite = False
-stage2_dir = ""  # two-stage: a stage-2 diffusion run (train.py configs/stage2_diffusion.py); out_dir is then stage 1
-stage2_steps = 25  # DPM-Solver++ steps
-stage2_temperature = 1.0  # scale of stage 2's starting noise (model.Stage2Diffusion.sample)
+# settings: python sample.py --key=value ... (configurator.py; --help lists them)
+DEFAULTS = dict(
+    out_dir="out",  # the training run
+    ckpt="best",  # which of its checkpoints: best (best.pt where it exists, else the latest) | last (ckpt.pt) | a file
+    ema=True,  # the run's EMA weights where it kept them (train.py ema_decay); False: the raw weights
+    export="",  # a folder: write the checkpoint's weights there as model.safetensors + model.json, then stop
+    samples_dir="",  # default: out_dir/samples
+    prompt="",
+    prompts_file="",  # one prompt per line, or a CSV/JSON/JSONL caption file as prepare.py reads
+    seconds=10.0,
+    num_samples=1,  # files per prompt
+    cfg=3.0,  # classifier-free guidance scale; 1 = the conditional model alone
+    temperature=1.0,
+    top_k=250,
+    top_p=0.0,
+    seed=1337,
+    batch_size=8,
+    device="cuda" if torch.cuda.is_available() else "cpu",
+    dtype="float32",
+    cuda_graph=True,  # on CUDA, replay each decoding step from a captured CUDA graph (model.MusicLM.generate)
+    overwrite=False,
+    stage2_dir="",  # two-stage: a stage-2 diffusion run (train.py configs/stage2_diffusion.py); out_dir is then stage 1
+    stage2_steps=25,  # DPM-Solver++ steps
+    stage2_temperature=1.0,  # scale of stage 2's starting noise (model.Stage2Diffusion.sample)
+)
 # -----------------------------------------------------------------------------
 
 
@@ -59,8 +64,8 @@ def read_prompts(prompt, prompts_file):
             try:
                 rows, _ = read_captions(path)
                 prompts = list(dict.fromkeys(c for row in rows for c in row["captions"]))  # each caption once
-            except SystemExit as e:
-                sys.exit(f"sample.py: --prompts_file={prompts_file} does not parse ({str(e).split(': ', 2)[-1]})")
+            except DataError as e:
+                sys.exit(f"sample.py: --prompts_file: {e}")
         else:
             prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
         prompts = [p for p in prompts if p]
@@ -76,7 +81,7 @@ def slug(text, n=48):
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n].strip("-") or "prompt"
 
 
-def load_model(run_dir, device, dtype, stage2=False, which="best"):
+def load_model(run_dir, device, dtype, stage2=False, which="best", ema=True):
     """-> (model, checkpoint without its weights): the LM, or with stage2=True the stage-2 diffusion model."""
     try:
         model, checkpoint = load_run(run_dir, "stage2" if stage2 else "lm", which, ema)
@@ -95,82 +100,96 @@ def write_wav(path, wav, sample_rate):
 
 def main(argv):
     keep_freed_memory()
-    config = configure(globals(), argv, "sample.py")
-    if export:
+    return run(types.SimpleNamespace(**configure(dict(DEFAULTS), argv, "sample.py", __doc__)))
+
+
+def run(s):
+    """The settings (a namespace of DEFAULTS' keys) -> the wav files and their index rows; -> the settings."""
+    if s.export:
         try:
-            print(f"sample.py: exported {export_run(out_dir, export, ckpt, ema)}")
+            print(f"sample.py: exported {export_run(s.out_dir, s.export, s.ckpt, s.ema)}")
         except ValueError as e:
             sys.exit(f"sample.py: {e}; set --out_dir to a train.py run (and --ckpt)")
-        return config
-    if seconds <= 0:
-        sys.exit(f"sample.py: --seconds={seconds} must be positive")
-    prompts = read_prompts(prompt, prompts_file)
-    model, checkpoint = load_model(out_dir, device, dtype, which=ckpt)
+        return vars(s)
+    if s.seconds <= 0:
+        sys.exit(f"sample.py: --seconds={s.seconds} must be positive")
+    prompts = read_prompts(s.prompt, s.prompts_file)
+    model, checkpoint = load_model(s.out_dir, s.device, s.dtype, which=s.ckpt, ema=s.ema)
     data_meta = checkpoint["data_meta"]
     stage2 = None
-    if stage2_dir:
-        stage2, _ = load_model(stage2_dir, device, "float32", stage2=True)
+    if s.stage2_dir:
+        stage2, _ = load_model(s.stage2_dir, s.device, "float32", stage2=True, ema=s.ema)
         if model.config.n_codebooks != 1:
             sys.exit(f"sample.py: --stage2_dir needs a stage-1 model of codebook 0 only (configs/two_stage_simba.py); "
-                     f"{out_dir} writes {model.config.n_codebooks} codebooks")
-    sr, frame_rate = data_meta["codec"]["sample_rate"], data_meta["codec"]["frame_rate"]
-    steps = max(1, round(seconds * frame_rate))
-    out = Path(samples_dir or os.path.join(out_dir, "samples"))
-    jobs = [(p, n, out / f"{slug(p)}_{n}.wav") for p in prompts for n in range(num_samples)]
+                     f"{s.out_dir} writes {model.config.n_codebooks} codebooks")
+    out = Path(s.samples_dir or os.path.join(s.out_dir, "samples"))
+    jobs = [(p, n, out / f"{slug(p)}_{n}.wav") for p in prompts for n in range(s.num_samples)]
     existing = [str(path) for _, _, path in jobs if path.exists()]
-    if existing and not overwrite:
+    if existing and not s.overwrite:
         sys.exit(f"sample.py: {existing[0]} exists ({len(existing)} of the files would be overwritten); pass --overwrite")
     if not data_meta["codec"]["pretrained"]:
         print("sample.py: WARNING: this model was trained on tokens of an UNTRAINED codec; the files will not sound "
               "like music", file=sys.stderr)
 
-    embed, _ = load_text_encoder(data_meta["text_encoder"]["name"], device)
+    embed, _ = load_text_encoder(data_meta["text_encoder"]["name"], s.device)
     trained_on = os.path.join(checkpoint["config"]["data_dir"], checkpoint["config"]["dataset"])
-    codec = load_dataset_codec(data_meta["codec"], trained_on, device)
+    try:
+        codec = load_dataset_codec(data_meta["codec"], trained_on, s.device)
+    except DataError as e:
+        sys.exit(f"sample.py: {e}")
     out.mkdir(parents=True, exist_ok=True)
-    settings = dict(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p, dtype=dtype,
-                    stage2_dir=stage2_dir or None, stage2_steps=stage2_steps if stage2_dir else None,
-                    stage2_temperature=stage2_temperature if stage2_dir else None)
-    cut, max_tokens = set(), data_meta["text_encoder"]["max_tokens"]  # prompts longer than the model reads
-    for b in range(0, len(jobs), batch_size):
-        batch = jobs[b:b + batch_size]
-        states = list(embed([p for p, _, _ in batch], max_tokens))
-        for (p, _, _), (_, whole) in zip(batch, states):
-            if whole > max_tokens and p not in cut:
-                cut.add(p)
-                print(f"sample.py: the prompt {p[:40]!r}... is {whole} tokens; the model reads its first {max_tokens}",
-                      file=sys.stderr)
-        text, mask = pad_text([x for x, _ in states])
-        text, mask = text.to(device, getattr(torch, dtype)), mask.to(device)
-        batch_seed = seed + b
-        gen = torch.Generator(device).manual_seed(batch_seed)
-        t0 = time.time()
-        codes = model.generate(text, mask, steps, cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
-                               generator=gen, cuda_graph=cuda_graph,
-                               progress=lambda r: tqdm(r, desc=f"batch {b // batch_size + 1}", leave=False))
-        gen_time = time.time() - t0
-        t1 = time.time()
-        with torch.no_grad():
-            if stage2 is None:  # the codec decodes the LM's codebooks
-                wavs = codec.decode([(codes, None)])
-            else:  # two-stage: codebook 0 -> the full latent by diffusion -> the codec's decoder
-                wavs = codec.decoder(stage2.sample(codes[:, 0], stage2_steps, stage2_temperature, generator=gen))
-            wavs = wavs[:, 0, :round(seconds * sr)].float().cpu().numpy()  # (B, samples)
-        if stage2 is not None:
-            print(f"sample.py: stage 2: {stage2_steps} steps in {time.time() - t1:.2f} s "
-                  f"({(time.time() - t1) / (seconds * len(batch)):.3f} s per second of audio, decoding included)")
-        print(f"sample.py: batch {b // batch_size + 1}: {len(batch)} x {steps} frames, "
-              f"{(steps + model.config.n_codebooks - 1) / gen_time:.1f} steps/s, real-time factor "
-              f"{gen_time / (seconds * len(batch)):.3f} ({gen_time:.1f} s for {seconds * len(batch):.1f} s of audio)")
-        for i, ((p, n, path), wav) in enumerate(zip(batch, wavs)):
-            write_wav(path, wav, sr)
-            row = dict(file=path.name, prompt=p, sample=n, seed=batch_seed, row_in_batch=i,
-                       seconds=len(wav) / sr, generation_seconds=gen_time / len(batch), checkpoint=checkpoint["path"],
-                       iter_num=checkpoint["iter_num"], codec_pretrained=data_meta["codec"]["pretrained"], **settings)
-            with open(out / "index.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+    cut = set()  # prompts longer than the model reads, reported once
+    for b in range(0, len(jobs), s.batch_size):
+        write_batch(s, jobs[b:b + s.batch_size], b, model, stage2, embed, codec, checkpoint, cut)
     print(f"sample.py: wrote {len(jobs)} files to {out}")
-    return config
+    return vars(s)
+
+
+def write_batch(s, batch, b, model, stage2, embed, codec, checkpoint, cut):
+    """One batch of jobs [(prompt, sample number, path)], the b-th job first: generate (stage 2 too, with
+    stage2), decode, write the wav files and append their rows to index.jsonl."""
+    data_meta = checkpoint["data_meta"]
+    sr, frame_rate = data_meta["codec"]["sample_rate"], data_meta["codec"]["frame_rate"]
+    steps, max_tokens = max(1, round(s.seconds * frame_rate)), data_meta["text_encoder"]["max_tokens"]
+    states = list(embed([p for p, _, _ in batch], max_tokens))
+    for (p, _, _), (_, whole) in zip(batch, states):
+        if whole > max_tokens and p not in cut:
+            cut.add(p)
+            print(f"sample.py: the prompt {p[:40]!r}... is {whole} tokens; the model reads its first {max_tokens}",
+                  file=sys.stderr)
+    text, mask = pad_text([x for x, _ in states])
+    text, mask = text.to(s.device, getattr(torch, s.dtype)), mask.to(s.device)
+    batch_seed = s.seed + b
+    gen = torch.Generator(s.device).manual_seed(batch_seed)
+    t0 = time.time()
+    codes = model.generate(text, mask, steps, cfg=s.cfg, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                           generator=gen, cuda_graph=s.cuda_graph,
+                           progress=lambda r: tqdm(r, desc=f"batch {b // s.batch_size + 1}", leave=False))
+    gen_time = time.time() - t0
+    t1 = time.time()
+    with torch.no_grad():
+        if stage2 is None:  # the codec decodes the LM's codebooks
+            wavs = codec.decode([(codes, None)])
+        else:  # two-stage: codebook 0 -> the full latent by diffusion -> the codec's decoder
+            wavs = codec.decoder(stage2.sample(codes[:, 0], s.stage2_steps, s.stage2_temperature, generator=gen))
+        wavs = wavs[:, 0, :round(s.seconds * sr)].float().cpu().numpy()  # (B, samples)
+    audio_seconds = s.seconds * len(batch)
+    if stage2 is not None:
+        print(f"sample.py: stage 2: {s.stage2_steps} steps in {time.time() - t1:.2f} s "
+              f"({(time.time() - t1) / audio_seconds:.3f} s per second of audio, decoding included)")
+    print(f"sample.py: batch {b // s.batch_size + 1}: {len(batch)} x {steps} frames, "
+          f"{(steps + model.config.n_codebooks - 1) / gen_time:.1f} steps/s, real-time factor "
+          f"{gen_time / audio_seconds:.3f} ({gen_time:.1f} s for {audio_seconds:.1f} s of audio)")
+    settings = dict(cfg=s.cfg, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, dtype=s.dtype,
+                    stage2_dir=s.stage2_dir or None, stage2_steps=s.stage2_steps if s.stage2_dir else None,
+                    stage2_temperature=s.stage2_temperature if s.stage2_dir else None)
+    for i, ((p, n, path), wav) in enumerate(zip(batch, wavs)):
+        write_wav(path, wav, sr)
+        row = dict(file=path.name, prompt=p, sample=n, seed=batch_seed, row_in_batch=i,
+                   seconds=len(wav) / sr, generation_seconds=gen_time / len(batch), checkpoint=checkpoint["path"],
+                   iter_num=checkpoint["iter_num"], codec_pretrained=data_meta["codec"]["pretrained"], **settings)
+        with open(path.parent / "index.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The selective scan: the recurrence at the heart of Mamba, three ways.
+"""The selective scan: the recurrence at the heart of Mamba, four ways.
 
 For every batch row b, channel d and state index n:
 

@@ -34,13 +34,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import configure
 from model import (ModelConfig, MusicLM, Stage2Config, Stage2Diffusion, codebook_losses, delay, export_run,
                    load_run, peak_flops)
-from prepare import atomic_write, keep_freed_memory, load_dataset_codec, read_split, text_rows
+from prepare import DataError, atomic_write, keep_freed_memory, load_dataset_codec, read_split, text_rows
 from sample import write_wav
 
 keep_freed_memory()
 
 # -----------------------------------------------------------------------------
-# defaults; the paper's training settings (DESIGN.md, from the official code) where it has them
+# defaults; the paper's training settings (read from the official code, github Lonian6/SSM-TTM) where it has them
 out_dir = "out"
 init_from = "scratch"  # scratch | resume (out_dir/ckpt.pt) | a run dir or checkpoint file whose weights start a new run
 keep_every = 0  # also keep out_dir/ckpt_<iter>.pt every keep_every iterations (0: only ckpt.pt and best.pt)
@@ -150,7 +150,10 @@ if not codec["pretrained"] and master:
           "but decoded audio will not be meaningful music")
 
 
-splits = {s: read_split(root, s, meta) for s in ("train", "val")}
+try:
+    splits = {s: read_split(root, s, meta) for s in ("train", "val")}
+except DataError as e:
+    sys.exit(f"train.py: {e}")
 data_gen = torch.Generator().manual_seed(seed + rank)  # the training batches' randomness (saved in the checkpoint)
 
 
@@ -225,7 +228,10 @@ else:
     positions = seq_len
     flops_per_token = 6 * model.num_params()  # the 6N rule: an upper bound for a UNet, whose deeper levels run shorter
     if not checkpoint:  # the codec's codebooks and the latent statistics of the training data
-        books = load_dataset_codec(codec, root).quantizer.vq.layers
+        try:
+            books = load_dataset_codec(codec, root).quantizer.vq.layers
+        except DataError as e:
+            sys.exit(f"train.py: {e}")
         model.set_codec(torch.stack([layer._codebook.embed for layer in books[:codec["n_codebooks"]]]).to(device),
                         torch.from_numpy(splits["train"]["codes"][:, :100_000].astype(np.int64)).to(device))
 if checkpoint:
@@ -370,7 +376,10 @@ if master and tensorboard_log:
         sys.exit("train.py: tensorboard_log=True but the tensorboard package is not installed: pip install tensorboard")
     tensorboard = SummaryWriter(os.path.join(out_dir, "tensorboard"))
 if master and sample_interval and model_type == "lm":  # the codec that turns the samples' tokens into audio
-    sample_codec = load_dataset_codec(codec, root, device)
+    try:
+        sample_codec = load_dataset_codec(codec, root, device)
+    except DataError as e:
+        sys.exit(f"train.py: {e}")
     with open(os.path.join(root, "val_captions.jsonl")) as f:
         val_captions = [json.loads(line)["captions"][0] for line in f]  # the caption text_rows gives
 log_path = os.path.join(out_dir, "log.csv")

@@ -132,7 +132,9 @@ def test_nothing_usable_exits_with_one_line(tmp_path):
     assert r.returncode == 1 and "nothing usable" in r.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("argv,message", [(["--no_such_flag=1"], "unrecognized arguments"),
+@pytest.mark.parametrize("argv,message", [(["--no_such_flag=1"], "unknown config key 'no_such_flag'"),
+                                          (["--codec=mp3"], "expected one of encodec, untrained"),
+                                          (["--clip_seconds=long"], "should be float"),
                                           (["--audio_dir=/no/such/dir"], "is not a folder"),
                                           (["--audio_dir=.", "--captions=/no/such.csv"], "does not exist")])
 def test_bad_arguments_one_line(argv, message):

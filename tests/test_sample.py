@@ -1,5 +1,4 @@
 """sample.py with a tiny checkpoint trained here: files, index, determinism, cfg=1, and bad inputs."""
-import importlib
 import json
 import subprocess
 import sys
@@ -61,7 +60,6 @@ def run_sample(run_dir, out, *argv, capture=None, monkeypatch=None):
             return capture[-1]
         monkeypatch.setattr(model.MusicLM, "generate", keep)
     monkeypatch.chdir(ROOT)
-    importlib.reload(sample)  # main() sets the module's globals from argv: start from the defaults each time
     sample.main([f"--out_dir={run_dir}", f"--samples_dir={out}", *argv])
 
 
