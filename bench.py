@@ -65,7 +65,8 @@ from tqdm import tqdm
 import model
 import scan
 from configurator import configure
-from prepare import FRAME_RATE, SAMPLE_RATE, atomic_write, keep_freed_memory, synth_song
+from prepare import (FRAME_RATE, SAMPLE_RATE, atomic_write, encode_batch_size, keep_freed_memory,
+                     synth_song)
 
 # peak memory bandwidth in GB/s, from the vendors' data sheets, by device name
 PEAK_GBPS = {"H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800,
@@ -563,10 +564,11 @@ def bench_stage2(device, dtype, size, seconds=10.0, steps=25):
 
 def bench_prepare(device, hours):
     """Peak memory of preparing one long recording (44.1 kHz stereo 16-bit wav: the synthetic songs end to end,
-    `hours` long), each way in its own process: decoding it whole and resampling it (what prepare.py did before
-    it read in blocks), reading it through prepare.read_clips in blocks, and whole `prepare.py` runs (untrained
-    codec, MiniLM) on two 30 s files and on the long file beside a 30 s one: the same peak if memory does not
-    grow with the file."""
+    `hours` long), each way in its own process: decoding it whole and resampling it, then also encoding its clips
+    (what prepare.py did before it read in blocks); reading it through prepare.read_clips in blocks; and whole
+    `prepare.py` runs (untrained codec, MiniLM) on two 30 s files and on the long file beside a 30 s one: the
+    same peak if memory does not grow with the file. Every encoder runs at prepare.py's default batch, and the
+    long file once more at twice that batch."""
     import tempfile
 
     import numpy as np
@@ -595,9 +597,18 @@ def bench_prepare(device, hours):
                                        f".mean(axis=1); w = soxr.resample(w, {sr}, 24000)",
             "prepare.read_clips, 60 s blocks": f"n = sum(len(c) for _, c in prepare.read_clips({str(long_file)!r}, "
                                                "30.0, 5.0))"}
-        for name, folder in (("python prepare.py, two 30 s files", Path(tmp) / "short"),
-                             (f"python prepare.py, {hours:g} h + 30 s", audio)):
-            argv = ["prepare.py", f"--audio_dir={folder}", f"--data_dir={tmp}", "--codec=untrained", f"--device={device}"]
+        programs["decode whole + resample + encode (prepare.py before)"] = (
+            programs["decode whole + resample"] + f"; codec, _ = prepare.load_codec('untrained', device={device!r}); "
+            f"codes = prepare.encode_clips(codec, [c for _, c in prepare.cut_clips(w, 30.0, 5.0)], "
+            f"prepare.encode_batch_size({device!r}))")
+        double = 2 * encode_batch_size(device)
+        for i, (name, folder, *more) in enumerate((
+                ("python prepare.py, two 30 s files", Path(tmp) / "short"),
+                (f"python prepare.py, {hours:g} h + 30 s", audio),
+                (f"python prepare.py --batch_size={double} (twice the default), {hours:g} h + 30 s", audio,
+                 f"--batch_size={double}"))):
+            argv = ["prepare.py", f"--audio_dir={folder}", f"--data_dir={tmp}/data{i}", "--codec=untrained",
+                    f"--device={device}", *more]
             programs[name] = f"import runpy, sys; sys.argv = {argv!r}; runpy.run_path('prepare.py', run_name='__main__')"
         for name, code in programs.items():
             rows.append(dict(what=name, **peak_of("import numpy as np, soundfile as sf, soxr, prepare; " + code)))

@@ -89,7 +89,7 @@ DEFAULTS = dict(
     max_text_tokens=128,  # caption tokens kept (77 words: about 105 FLAN-T5 tokens); longer ones are cut, counted
     synth_songs=60,  # synthetic set: number of songs
     synth_seconds=60.0,  # synthetic set: length of each song
-    batch_size=0,  # clips encoded at once (0: 8 on CUDA, 2 on a CPU, where larger batches take more memory)
+    batch_size=0,  # clips encoded at once (0: 8 on CUDA; 1 on a CPU, where each more clip adds about 1 GB)
     block_seconds=60.0,  # audio read and resampled at once: memory is bounded by this, not by the file
     device="cuda" if torch.cuda.is_available() else "cpu",
 )
@@ -112,7 +112,7 @@ def parse_args(argv=()):
         sys.exit("prepare.py: give --audio_dir or --manifest, not both")
     if args.captions and not os.path.isfile(args.captions):
         sys.exit(f"prepare.py: --captions={args.captions} does not exist")
-    args.batch_size = args.batch_size or (8 if args.device.startswith("cuda") else 2)
+    args.batch_size = args.batch_size or encode_batch_size(args.device)
     if not args.name:
         args.name = (Path(args.audio_dir).resolve().name if args.audio_dir else
                      Path(args.manifest).resolve().parent.name if args.manifest else "synth")
@@ -386,6 +386,12 @@ def kmeans_init_codebooks(model, wavs, iters=10, seed=0):
         book.embed_avg.copy_(centroids)
         book.inited.fill_(1)
         residual = residual - centroids[torch.cdist(residual, centroids).argmin(1)]
+
+
+def encode_batch_size(device):
+    """Clips encoded at once by default: 8 on CUDA; 1 on a CPU, where EnCodec's working memory for a 30 s clip is
+    about a gigabyte per clip in the batch and batching gains little speed (README, "Data")."""
+    return 8 if str(device).startswith("cuda") else 1
 
 
 @torch.no_grad()

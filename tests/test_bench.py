@@ -37,11 +37,11 @@ def test_generate_and_stage2_sections_rows():
 def test_prepare_section_rows():
     """(The bound itself, a block against a whole file, is test_prepare.py's: here the file is 3 blocks long.)"""
     rows = bench.bench_prepare("cpu", hours=3 / 60)  # a 3-minute recording: 61 MiB decoded to float32 stereo
-    assert [r["what"].split(" (")[0].split(",")[0] for r in rows] == ["imports only", "decode whole + resample",
-                                                                      "prepare.read_clips", "python prepare.py",
-                                                                      "python prepare.py"]
-    imports, whole, blocks, short, long = (r["peak_rss_MiB"] for r in rows)
-    assert whole - imports > 50 and imports < blocks < whole and imports < short and imports < long
+    assert [r["what"].split(" (")[0].split(",")[0] for r in rows] == [
+        "imports only", "decode whole + resample", "prepare.read_clips", "decode whole + resample + encode",
+        "python prepare.py", "python prepare.py", "python prepare.py --batch_size=2"]
+    imports, whole, blocks, before, short, long, _ = (r["peak_rss_MiB"] for r in rows)
+    assert whole - imports > 50 and imports < blocks < whole < before and imports < short and imports < long
     assert all(r["seconds"] > 0 and r["system_s"] >= 0 for r in rows)
 
 
