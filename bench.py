@@ -656,10 +656,7 @@ CHOICES = dict(section=("kernel", "train", "generate", "stage2", "prepare", "all
 
 def main(argv):
     keep_freed_memory()
-    args = types.SimpleNamespace(**configure(dict(DEFAULTS), argv, "bench.py", __doc__))
-    for key, allowed in CHOICES.items():
-        if getattr(args, key) not in allowed:
-            sys.exit(f"bench.py: --{key}={getattr(args, key)!r}: expected one of {', '.join(allowed)}")
+    args = types.SimpleNamespace(**configure(dict(DEFAULTS), argv, "bench.py", __doc__, CHOICES))
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench.py: --device=cuda but torch sees no GPU; use --device=cpu")
     dtype = getattr(torch, args.dtype)

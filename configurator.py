@@ -60,10 +60,10 @@ def _help(script, keys, doc):
     sys.exit(0)
 
 
-def configure(defaults, argv, script, doc=None):
+def configure(defaults, argv, script, doc=None, choices=None):
     """Apply config files and --key=value flags from argv to the dict `defaults` (train.py: its module's globals;
     the other scripts: a copy of their DEFAULTS) in place; return {key: value} of every setting. --help prints
-    the settings (doc: the script's docstring) and exits."""
+    the settings (doc: the script's docstring) and exits. choices: {key: allowed values}, checked at the end."""
     keys = {k: v for k, v in defaults.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}
     if "--help" in argv or "-h" in argv:
         _help(script, keys, doc if doc is not None else defaults.get("__doc__"))
@@ -80,4 +80,7 @@ def configure(defaults, argv, script, doc=None):
             except (ValueError, SyntaxError):
                 value = text  # a plain string
             keys[key] = defaults[key] = _check(script, keys, key, value, f"--{key}")
+    for key, allowed in (choices or {}).items():
+        if keys[key] not in allowed:
+            sys.exit(f"{script}: --{key}={keys[key]!r}: expected one of {', '.join(map(str, allowed))}")
     return {k: defaults[k] for k in keys}

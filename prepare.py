@@ -100,10 +100,7 @@ CHOICES = dict(codec=("encodec", "untrained"), bandwidth=(1.5, 3.0, 6.0, 12.0, 2
 
 def parse_args(argv=()):
     """--key=value arguments over DEFAULTS -> the settings as a namespace, checked (one-line exits)."""
-    args = types.SimpleNamespace(**configure(dict(DEFAULTS), list(argv), "prepare.py", __doc__))
-    for key, allowed in CHOICES.items():
-        if getattr(args, key) not in allowed:
-            sys.exit(f"prepare.py: --{key}={getattr(args, key)!r}: expected one of {', '.join(map(str, allowed))}")
+    args = types.SimpleNamespace(**configure(dict(DEFAULTS), list(argv), "prepare.py", __doc__, CHOICES))
     if args.audio_dir and not os.path.isdir(args.audio_dir):
         sys.exit(f"prepare.py: --audio_dir={args.audio_dir} is not a folder")
     if args.manifest and not os.path.isfile(args.manifest):
@@ -176,7 +173,7 @@ def read_captions(path, id_key=None, caption_key="caption", start_key="start_s",
     keys = [id_key] if id_key else ["ytid", "path", "id", "_key"]
     if not any(isinstance(r, dict) and caption_key in r and any(r.get(k) for k in keys) for r in table):
         raise DataError(f"--captions={path}: no row has the fields {id_key or 'ytid/path/id'} and "
-                 f"{caption_key!r} (set --id_key / --caption_key); first row: {str(table[:1])[:200]}")
+                        f"{caption_key!r} (set --id_key / --caption_key); first row: {str(table[:1])[:200]}")
     rows, bad = {}, []
     for n, row in enumerate(table, 1):
         key = next((k for k in keys if row.get(k)), None)
@@ -574,7 +571,7 @@ def read_split(root, split, meta):
     tokens; text (tokens, dim). meta: meta.json's dict. Raises DataError if an older prepare.py wrote them."""
     if meta.get("layout") != LAYOUT_VERSION:
         raise DataError(f"{root} was written by an older prepare.py (data layout {meta.get('layout', 1)}, this code reads "
-                 f"{LAYOUT_VERSION}): run prepare.py again with the same arguments")
+                        f"{LAYOUT_VERSION}): run prepare.py again with the same arguments")
     K, dim = meta["codec"]["n_codebooks"], meta["text_encoder"]["dim"]
     return dict(clips=np.load(os.path.join(root, f"{split}_clips.npy")),
                 codes=np.memmap(os.path.join(root, f"{split}_codes.bin"), dtype=np.uint16, mode="r").reshape(K, -1),
@@ -628,7 +625,7 @@ def list_sources(args):
                           if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS], []
     if not files:
         raise DataError(f"no {'/'.join(AUDIO_EXTENSIONS)} files in "
-                 f"{f'--manifest={args.manifest}' if args.manifest else f'--audio_dir={args.audio_dir}'}")
+                        f"{f'--manifest={args.manifest}' if args.manifest else f'--audio_dir={args.audio_dir}'}")
 
     def source(name, path, captions, segment=None):
         return (name + (f"@{segment[0]:g}-{segment[1]:g}" if segment else ""), name, captions,
@@ -728,14 +725,14 @@ def prepare(args, fail_after=None):
     atomic_write(out / "skipped.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(s) + "\n" for s in skipped)))
     if not good:
         raise DataError(f"nothing usable in {args.audio_dir or args.manifest or 'synth'}: all {len(skipped)} "
-                 f"inputs were skipped (reasons in {out / 'skipped.jsonl'})")
+                        f"inputs were skipped (reasons in {out / 'skipped.jsonl'})")
 
     # split by source file: every clip of a song (all its segments too) lands in the same split
     file_of = {source: name for source, name, _, _ in sources}
     files = sorted({file_of[r["source"]] for r in good})
     if len(files) < 2:
         raise DataError(f"only one usable file ({files[0]}); a dataset needs two or more, one of them for val "
-                 f"(the others were skipped: {out / 'skipped.jsonl'})")
+                        f"(the others were skipped: {out / 'skipped.jsonl'})")
     random.Random(args.seed).shuffle(files)
     n_val = min(len(files) - 1, max(1, round(args.val_fraction * len(files))))
     in_val = set(files[:n_val])
