@@ -4,11 +4,13 @@
     python prepare.py --audio_dir=music --captions=musiccaps.csv --name=musiccaps
     python prepare.py --help                     # every setting, its default and its comment
 
-A script's settings are its defaults (train.py's module-level assignments; a dict in the others), each with a
-comment. Arguments are applied in order: a path runs as a Python file whose assignments override the defaults
-(it can read the values set so far, as configs/tiny.py does); a --key=value sets one (the value is read as a
-Python literal, else taken as a string; a setting whose default is a string takes the text as it is). A key
-that is not a setting, or a value of another type than the default's, stops the run with a one-line message.
+A script's settings are its defaults (train.py's module-level assignments; a dict in the others),
+each with a comment. Arguments are applied in order: a path runs as a Python file whose assignments
+override the defaults (it can read the values set so far, as configs/tiny.py does); a --key=value
+sets one (the value is read as a Python literal, else taken as a string; a setting whose default is
+a string takes the text as it is); a tuple setting also takes words, --key A B C (up to the next
+--flag). A key that is not a setting, or a value of another type than the default's, stops the run
+with a one-line message.
 """
 import ast
 import difflib
@@ -21,7 +23,8 @@ def _check(script, defaults, key, value, where):
     if key not in defaults:
         close = difflib.get_close_matches(key, list(defaults), n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
-        sys.exit(f"{script}: unknown config key {key!r} in {where}{hint} (see python {script} --help)")
+        sys.exit(
+            f"{script}: unknown config key {key!r} in {where}{hint} (see python {script} --help)")
     default = defaults[key]
     if default is None or value is None:
         return value
@@ -36,8 +39,8 @@ def _check(script, defaults, key, value, where):
 
 
 def run_config_file(path, values, script):
-    """A config file (Python assignments) run seeing `values`, the settings so far (tiny.py scales n_layer) ->
-    {key: value} of what it sets."""
+    """A config file (Python assignments) run seeing `values`, the settings so far (tiny.py scales
+    n_layer) -> {key: value} of what it sets."""
     try:
         source = open(path).read()
     except OSError as e:
@@ -48,7 +51,8 @@ def run_config_file(path, values, script):
 
 
 def _help(script, keys, doc):
-    """The script's docstring, then each setting as --key=default with the comment on its line in the script."""
+    """The script's docstring, then each setting as --key=default with the comment on its line in
+    the script."""
     source = (Path(__file__).parent / script).read_text().splitlines()
     lines = [(doc or "").strip(), "", "settings (--key=value, or a Python file of assignments):"]
     for key, value in keys.items():
@@ -61,20 +65,35 @@ def _help(script, keys, doc):
 
 
 def configure(defaults, argv, script, doc=None, choices=None):
-    """Apply config files and --key=value flags from argv to the dict `defaults` (train.py: its module's globals;
-    the other scripts: a copy of their DEFAULTS) in place; return {key: value} of every setting. --help prints
-    the settings (doc: the script's docstring) and exits. choices: {key: allowed values}, checked at the end."""
-    keys = {k: v for k, v in defaults.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}
+    """Apply config files and --key=value flags from argv to the dict `defaults` (train.py: its
+    module's globals; the other scripts: a copy of their DEFAULTS) in place; return {key: value} of
+    every setting. --help prints the settings (doc: the script's docstring) and exits. choices:
+    {key: allowed values}, checked at the end."""
+    keys = {k: v for k, v in defaults.items()
+            if not k.startswith("_")
+            and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}
     if "--help" in argv or "-h" in argv:
         _help(script, keys, doc if doc is not None else defaults.get("__doc__"))
-    for arg in argv:
+    argv = list(argv)
+    while argv:
+        arg = argv.pop(0)
         if not arg.startswith("--"):
             for key, value in run_config_file(arg, keys, script).items():
                 keys[key] = defaults[key] = _check(script, keys, key, value, arg)
         else:
             key, sep, text = arg[2:].partition("=")
+            # --key A B C: the words up to the next --flag
+            if not sep and isinstance(keys.get(key), tuple):
+                words = []
+                while argv and not argv[0].startswith("--"):
+                    words.append(argv.pop(0))
+                if not words:
+                    sys.exit(f"{script}: --{key} needs one or more values")
+                keys[key] = defaults[key] = tuple(words)
+                continue
             if not sep:
-                sys.exit(f"{script}: expected --key=value, got {arg} (see python {script} --help)")
+                sys.exit(
+                    f"{script}: expected --key=value, got {arg} (see python {script} --help)")
             try:
                 value = text if isinstance(keys.get(key), str) else ast.literal_eval(text)
             except (ValueError, SyntaxError):
@@ -82,5 +101,6 @@ def configure(defaults, argv, script, doc=None, choices=None):
             keys[key] = defaults[key] = _check(script, keys, key, value, f"--{key}")
     for key, allowed in (choices or {}).items():
         if keys[key] not in allowed:
-            sys.exit(f"{script}: --{key}={keys[key]!r}: expected one of {', '.join(map(str, allowed))}")
+            sys.exit(f"{script}: --{key}={keys[key]!r}: "
+                     f"expected one of {', '.join(map(str, allowed))}")
     return {k: defaults[k] for k in keys}

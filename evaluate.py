@@ -1,27 +1,30 @@
-"""Measurement: numbers about trained models and generated audio, printed as Markdown and saved as JSON.
+"""Measurement: numbers about trained models and generated audio, as Markdown tables and JSON.
 
-    python evaluate.py --section=offline --out_dir=out-prefix-simba      # val NLL per codebook, text gain, probe
-    python evaluate.py --section=audio --generated=DIR --reference=DIR   # FD_openl3, KL_passt, CLAP score
-    python evaluate.py --section=audio --out_dir=RUN --prompts_file=P --reference=DIR   # sample.py writes DIR first
+    python evaluate.py --section=offline --out_dir=out-prefix-simba   # val NLL, text gain, probe
+    python evaluate.py --section=audio --generated=DIR --reference=DIR   # FD_openl3, KL_passt, CLAP
+    python evaluate.py --section=audio --out_dir=RUN --prompts_file=P --reference=DIR   # generates
     python evaluate.py --section=stage2 --stage2_dir=out-stage2-diffusion
-    python evaluate.py --runs out-prefix-simba out-prefix-transformer     # one table and one figure for all runs
+    python evaluate.py --runs out-prefix-simba out-prefix-transformer   # one table, one figure
 
-offline (no pretrained evaluator; data prepare.py wrote): the val NLL per codebook with and without the caption
-  (their difference is the text gain), and text adherence: a small probe, trained here and cached next to the
-  data, predicts each caption attribute (instrument, tempo, mode, drums...) from a window of codebook-0 tokens.
-  Its accuracy on real val tokens is the ceiling; its accuracy on tokens the model generates from the val captions
-  is the score (a model that ignores the text scores at chance, as it does with the caption dropped).
-audio: the paper's metrics, computed as Stability-AI's stable-audio-metrics computes them (the README lists where
-  we differ).
-  FD_openl3: Frechet distance between Gaussians fitted to OpenL3 embeddings (music, mel256, 512-d, 0.5 s hop) of
-  the generated and the reference set. KL_passt: KL(generated || reference) between PaSST's AudioSet label
-  distributions of each generated file and its reference (same file stem, or the same caption via
-  --reference_captions). CLAP score: cosine of LAION-CLAP (music checkpoint) audio and caption embeddings.
-stage2: how well the stage-2 diffusion model restores the full codec latent from ground-truth codebook-0 tokens
-  of val clips: accuracy of codebooks 1..K-1 after re-quantizing the generated latent, and latent MSE, against
-  the codebook-0 embedding alone (what stage 1 alone gives).
---runs: params, steps, tokens, FLOPs, best val loss, text gain, probe accuracy and audio metrics (where a run has
-  them: eval_offline.json, eval_audio.json) as a Markdown table, and val loss vs steps and vs FLOPs in one PNG.
+offline (no pretrained evaluator; data prepare.py wrote): the val NLL per codebook with and without
+  the caption (their difference is the text gain), and text adherence: a small probe, trained here
+  and cached next to the data, predicts each caption attribute (instrument, tempo, mode, drums...)
+  from a window of codebook-0 tokens. Its accuracy on real val tokens is the ceiling; its accuracy
+  on tokens the model generates from the val captions is the score (a model that ignores the text
+  scores at chance, as it does with the caption dropped).
+audio: the paper's metrics, computed as Stability-AI's stable-audio-metrics computes them (the
+  README lists where we differ).
+  FD_openl3: Frechet distance between Gaussians fitted to OpenL3 embeddings (music, mel256, 512-d,
+  0.5 s hop) of the generated and the reference set. KL_passt: KL(generated || reference) between
+  PaSST's AudioSet label distributions of each generated file and its reference (same file stem, or
+  the same caption via --reference_captions). CLAP score: cosine of LAION-CLAP (music checkpoint)
+  audio and caption embeddings.
+stage2: how well the stage-2 diffusion model restores the full codec latent from ground-truth
+  codebook-0 tokens of val clips: accuracy of codebooks 1..K-1 after re-quantizing the generated
+  latent, and latent MSE, against the codebook-0 embedding alone (what stage 1 alone gives).
+--runs: params, steps, tokens, FLOPs, best val loss, text gain, probe accuracy and audio metrics
+  (where a run has them: eval_offline.json, eval_audio.json) as a Markdown table, and val loss vs
+  steps and vs FLOPs in one PNG.
 """
 import bisect
 import csv
@@ -39,44 +42,48 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import configure
-from model import codebook_losses, delay, load_run
-from prepare import (AUDIO_EXTENSIONS, DataError, atomic_write, keep_freed_memory, read_captions, read_split,
-                     text_rows)
+from data import AUDIO_EXTENSIONS, DataError, atomic_write, keep_freed_memory, read_split, text_rows
+from model import codebook_losses, delay
+from prepare import read_captions
+from sample import load_run
 
 # -----------------------------------------------------------------------------
-section = "offline"  # offline | audio | stage2 (--runs compares runs)
-out_dir = ""  # a train.py run: offline; audio with --prompts_file
-ckpt = "best"  # which checkpoint of the run: best (best.pt where it exists, else the latest) | last (ckpt.pt) | a file
-ema = True  # the run's EMA weights where it kept them (train.py ema_decay); False: the raw weights
-data_dir = ""  # default: where the checkpoint's training data was
-split = "val"
-seed = 0
-device = "cuda" if torch.cuda.is_available() else "cpu"
-out = ""  # the JSON's path; default: eval_<section>.json in the run (or the generated folder)
-# offline
-batch_size = 8
-probe_seconds = 5.0  # the probe's window, and the length generated per val caption
-probe_iters = 600
-gen_per_caption = 2  # generations per val caption for the probe
-cfg = 3.0
-temperature = 1.0
-top_k = 250
-cuda_graph = True  # on CUDA, replay each decoding step from a captured CUDA graph (model.MusicLM.generate)
-# audio
-generated = ""  # a folder of wav files
-reference = ""  # a folder of wav files
-reference_captions = ""  # CSV/JSON/JSONL of reference captions (as prepare.py reads): pairs files by caption for KL
-prompts_file = ""  # generate first: sample.py writes out_dir/samples_eval/ from these prompts
-seconds = 10.0  # generated length with --prompts_file; the stage-2 section's crop
-weights_dir = ""  # where the metrics' weights are when they cannot be downloaded
-metrics = ("fd_openl3", "kl_passt", "clap")
-# stage2
-stage2_dir = "out-stage2-diffusion"
-clips = 16  # val clips (their first seconds)
-stage2_steps = 25
-stage2_temperatures = (1.0, 0.5, 0.0)
-# comparison
-runs = ()  # --runs DIR DIR ...: compare these train.py runs (a table, and val loss curves in --out, compare.png)
+# settings: python evaluate.py --key=value ... (configurator.py; --help lists them)
+DEFAULTS = dict(
+    section="offline",  # offline | audio | stage2 (--runs compares runs)
+    out_dir="",  # a train.py run: offline; audio with --prompts_file
+    ckpt="best",  # the run's checkpoint: best (best.pt, else the latest) | last (ckpt.pt) | a file
+    ema=True,  # the run's EMA weights where it kept them (train.py ema_decay); False: raw weights
+    data_dir="",  # default: where the checkpoint's training data was
+    split="val",
+    seed=0,
+    device="cuda" if torch.cuda.is_available() else "cpu",
+    out="",  # the JSON's path; default: eval_<section>.json in the run (or the generated folder)
+    # offline
+    batch_size=8,
+    probe_seconds=5.0,  # the probe's window, and the length generated per val caption
+    probe_iters=600,
+    gen_per_caption=2,  # generations per val caption for the probe
+    cfg_scale=3.0,  # classifier-free guidance scale of the probe's generations
+    temperature=1.0,
+    top_k=250,
+    cuda_graph=True,  # on CUDA, replay each decoding step from a CUDA graph (MusicLM.generate)
+    # audio
+    generated="",  # a folder of wav files
+    reference="",  # a folder of wav files
+    reference_captions="",  # captions of --reference (a file prepare.py reads): KL pairs by them
+    prompts_file="",  # generate first: sample.py writes out_dir/samples_eval/ from these prompts
+    seconds=10.0,  # generated length with --prompts_file; the stage-2 section's crop
+    weights_dir="",  # where the metrics' weights are when they cannot be downloaded
+    metrics=("fd_openl3", "kl_passt", "clap"),
+    # stage2
+    stage2_dir="out-stage2-diffusion",
+    clips=16,  # val clips (their first seconds)
+    stage2_steps=25,
+    stage2_temperatures=(1.0, 0.5, 0.0),
+    # comparison
+    runs=(),  # --runs DIR DIR ...: compare these runs (a table; loss curves in --out, compare.png)
+)
 # -----------------------------------------------------------------------------
 
 
@@ -85,16 +92,8 @@ def save_json(result, path):
     print(f"\nwrote {path}")
 
 
-def load_model(run_dir, kind):
-    """-> (model on device, checkpoint): kind is "lm" or "stage2"; the checkpoint and weights that ckpt and ema say."""
-    try:
-        model, checkpoint = load_run(run_dir, kind, ckpt, ema)
-    except ValueError as e:
-        sys.exit(f"evaluate.py: {e}; set {'--stage2_dir' if kind == 'stage2' else '--out_dir'}")
-    return model.to(device), checkpoint
-
-
-def data_root(checkpoint):
+def data_root(checkpoint, data_dir=""):
+    """The folder of the run's dataset: under data_dir where given, else where it was."""
     config = checkpoint["config"]
     return os.path.join(data_dir or config["data_dir"], config["dataset"])
 
@@ -104,16 +103,18 @@ def data_root(checkpoint):
 
 
 @torch.no_grad()
-def val_nll(model, d, L, first=None):
-    """-> (nll (K,), nll without the caption (K,)) in nats per token over every frame of the split's clips,
-    cut into windows of L frames (the training crop) and scored as train.py scores a crop; with `first`, over
-    the first `first` positions of each window only (where the model has heard little of the audio yet)."""
+def val_nll(model, d, L, batch_size, device, first=None):
+    """-> (nll (K,), nll without the caption (K,)) in nats per token over every frame of the split's
+    clips (d: read_split's), cut into windows of L frames (the training crop) and scored as train.py
+    scores a crop; with `first`, over the first `first` positions of each window only (where the
+    model has heard little of the audio yet)."""
     K, V = model.config.n_codebooks, model.config.codebook_size
-    windows = [(i, o + s, min(L, n - s)) for i, (o, n) in enumerate(d["clips"][:, :2].tolist()) for s in range(0, n, L)]
+    windows = [(i, o + s, min(L, n - s))  # (clip, first frame, frames)
+               for i, (o, n) in enumerate(d["clips"][:, :2].tolist()) for s in range(0, n, L)]
     sums, count = torch.zeros(2, K), torch.zeros(K)
     for b in tqdm(range(0, len(windows), batch_size), desc="val NLL", leave=False):
         w = windows[b:b + batch_size]
-        crops = torch.full((len(w), K, L), V, dtype=torch.long)  # the special token pads a short window
+        crops = torch.full((len(w), K, L), V, dtype=torch.long)  # V, the special token, pads
         for j, (_, start, n) in enumerate(w):
             crops[j, :, :n] = torch.from_numpy(d["codes"][:K, start:start + n].astype(np.int64))
         seq = delay(crops, V).to(device)  # (B, K, L + K)
@@ -123,7 +124,7 @@ def val_nll(model, d, L, first=None):
         n = (targets != V).sum((0, 2)).cpu()  # real targets per codebook
         for j, m in enumerate((mask, torch.zeros_like(mask))):
             logits, _ = model(seq[:, :, :S], text, m)  # (B, K, S, V)
-            sums[j] += codebook_losses(logits, targets).cpu() * n  # the batch's mean per codebook -> its sum
+            sums[j] += codebook_losses(logits, targets).cpu() * n  # the mean per codebook -> sum
         count += n
     nll = sums / count.clamp(min=1)
     return nll[0], nll[1]
@@ -134,9 +135,9 @@ def val_nll(model, d, L, first=None):
 
 
 class Probe(nn.Module):
-    """Each caption attribute from a window of codebook-0 tokens (B, T): a token embedding (with dropout: the
-    train split has few songs), two strided convolutions, mean and max pooling over time, one linear head per
-    attribute."""
+    """Each caption attribute from a window of codebook-0 tokens (B, T): a token embedding (with
+    dropout: the train split has few songs), two strided convolutions, mean and max pooling over
+    time, one linear head per attribute."""
 
     def __init__(self, codebook_size, n_classes, width=64):
         super().__init__()
@@ -160,8 +161,8 @@ def read_attributes(root, split_name):
 
 
 def attribute_classes(train_attrs):
-    """-> {attribute: classes}: the values seen in training, sorted; a numeric attribute (BPM) becomes three bins
-    of equal size, named by their lower edges ('>=70', '>=100', '>=130')."""
+    """-> {attribute: classes}: the values seen in training, sorted; a numeric attribute (BPM)
+    becomes three bins of equal size, named by their lower edges ('>=70', '>=100', '>=130')."""
     classes = {}
     for name in sorted({k for a in train_attrs for k in a}):
         values = [a[name] for a in train_attrs if name in a]
@@ -174,7 +175,8 @@ def attribute_classes(train_attrs):
 
 
 def label(classes, attrs):
-    """-> [class index per attribute], -1 where the clip lacks it or has a value training never saw."""
+    """-> [class index per attribute], -1 where the clip lacks it or has a value training never
+    saw."""
     out = []
     for name, names in classes.items():
         v = attrs.get(name)
@@ -188,16 +190,19 @@ def label(classes, attrs):
 
 
 def probe_accuracy(probe, windows, labels):
-    """windows (n, T) tokens, labels (n, attributes) -> accuracy per attribute over the labelled windows."""
+    """windows (n, T) tokens, labels (n, attributes) -> accuracy per attribute where labelled."""
     probe.eval()
     with torch.no_grad():
         logits = [torch.cat(x) for x in zip(*(probe(w) for w in windows.split(256)))]
-    hits = [(lg.argmax(-1) == labels[:, a]).float()[labels[:, a] >= 0] for a, lg in enumerate(logits)]
-    return [h.mean().item() if len(h) else None for h in hits]  # None: no window has a value training saw
+    hits = [(lg.argmax(-1) == labels[:, a]).float()[labels[:, a] >= 0]  # the labelled windows
+            for a, lg in enumerate(logits)]
+    # None: no window has a value training saw
+    return [h.mean().item() if len(h) else None for h in hits]
 
 
 def clip_windows(d, attrs, classes, frames, per_clip=4):
-    """Evenly spaced windows of codebook-0 tokens from each clip long enough -> (windows (n, frames), labels)."""
+    """Evenly spaced windows of codebook-0 tokens from each clip long enough
+    -> (windows (n, frames), labels (n, attributes))."""
     windows, labels = [], []
     for (o, n), a in zip(d["clips"][:, :2].tolist(), attrs):
         if n < frames:
@@ -209,9 +214,9 @@ def clip_windows(d, attrs, classes, frames, per_clip=4):
 
 
 def train_probe(root, meta, frames, iters, shuffle=False, seed=0):
-    """Train the probe on random windows of the train split -> (probe, classes, accuracy on real val windows,
-    chance per attribute: 1 / classes). shuffle=True pairs each train clip with another clip's attributes (a control: the
-    probe should then score at chance)."""
+    """Train the probe on random windows of the train split -> (probe, classes, accuracy on real val
+    windows, chance per attribute: 1 / classes). shuffle=True pairs each train clip with another
+    clip's attributes (a control: the probe should then score at chance)."""
     train_attrs = read_attributes(root, "train")
     classes = attribute_classes(train_attrs)
     if not classes:
@@ -220,104 +225,132 @@ def train_probe(root, meta, frames, iters, shuffle=False, seed=0):
     torch.manual_seed(seed)  # the weights' initialization and dropout
     d = read_split(root, "train", meta)
     if shuffle:
-        train_attrs = [train_attrs[i] for i in torch.randperm(len(train_attrs), generator=gen).tolist()]
+        order = torch.randperm(len(train_attrs), generator=gen).tolist()
+        train_attrs = [train_attrs[i] for i in order]
     long_enough = [i for i, (_, n) in enumerate(d["clips"][:, :2].tolist()) if n >= frames]
     if not long_enough:
-        sys.exit(f"evaluate.py: no train clip in {root} holds {frames} frames; lower --probe_seconds")
+        raise DataError(f"no train clip in {root} holds {frames} frames; lower --probe_seconds")
     labels = torch.tensor([label(classes, a) for a in train_attrs])  # (clips, attributes)
     probe = Probe(meta["codec"]["codebook_size"], [len(c) for c in classes.values()])
     opt = torch.optim.AdamW(probe.parameters(), lr=2e-3, weight_decay=0.05)
     for _ in tqdm(range(iters), desc="probe", leave=False):
-        pick = [long_enough[i] for i in torch.randint(len(long_enough), (32,), generator=gen).tolist()]
-        starts = [o + int(torch.randint(n - frames + 1, (1,), generator=gen)) for o, n in d["clips"][pick, :2].tolist()]
-        x = torch.stack([torch.from_numpy(d["codes"][0, s:s + frames].astype(np.int64)) for s in starts])
-        y = labels[pick]
+        drawn = torch.randint(len(long_enough), (32,), generator=gen).tolist()
+        pick = [long_enough[i] for i in drawn]
+        starts = [o + int(torch.randint(n - frames + 1, (1,), generator=gen))
+                  for o, n in d["clips"][pick, :2].tolist()]
+        x = torch.stack([torch.from_numpy(d["codes"][0, s:s + frames].astype(np.int64))
+                         for s in starts])  # (32, frames)
+        y = labels[pick]  # (32, attributes)
         loss = sum(F.cross_entropy(lg, y[:, a], ignore_index=-1) for a, lg in enumerate(probe(x)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     val_attrs = read_attributes(root, "val")
     windows, val_labels = clip_windows(read_split(root, "val", meta), val_attrs, classes, frames)
-    chance = [1 / len(c) for c in classes.values()]  # guessing uniformly (the synth set draws attributes so)
+    # chance: guessing uniformly (the synth set draws its attributes so)
+    chance = [1 / len(c) for c in classes.values()]
     return probe, classes, probe_accuracy(probe, windows, val_labels), chance
 
 
-def cached_probe(root, meta, frames):
-    """The probe for this dataset and window, trained once and kept at <data>/probe_<frames>.pt (trained again
-    if the file was written with other settings or by an older Probe)."""
+def cached_probe(root, meta, frames, iters, seed):
+    """train_probe's (probe, classes, ceiling, chance) for this dataset and window, trained once and
+    kept at <data>/probe_<frames>.pt (trained again if the file was written with other iters or
+    seed, or by an older Probe)."""
     path = os.path.join(root, f"probe_{frames}.pt")
     if os.path.exists(path):
         saved = torch.load(path, map_location="cpu", weights_only=True)
         probe = Probe(meta["codec"]["codebook_size"], [len(c) for c in saved["classes"].values()])
         try:
             probe.load_state_dict(saved["state"])
-            same = saved.get("iters") == probe_iters and saved.get("seed") == seed
+            same = saved.get("iters") == iters and saved.get("seed") == seed
         except RuntimeError:  # another Probe's weights
             same = False
         if same:
             return probe, saved["classes"], saved["ceiling"], saved["chance"]
-    probe, classes, ceiling, chance = train_probe(root, meta, frames, probe_iters, seed=seed)
+    probe, classes, ceiling, chance = train_probe(root, meta, frames, iters, seed=seed)
     if probe is not None:
-        saved = dict(state=probe.state_dict(), classes=classes, ceiling=ceiling, chance=chance, iters=probe_iters, seed=seed)
+        saved = dict(state=probe.state_dict(), classes=classes, ceiling=ceiling, chance=chance,
+                     iters=iters, seed=seed)
         atomic_write(path, lambda tmp: torch.save(saved, tmp))
     return probe, classes, ceiling, chance
 
 
 @torch.no_grad()
-def generated_windows(model, d, frames, with_text):
-    """gen_per_caption generations of `frames` frames from each val clip's caption (or with it dropped) ->
-    codebook-0 tokens (n, frames), ordered clip by clip."""
-    n = len(d["clips"])
-    idx = [i for i in range(n) for _ in range(gen_per_caption)]
+def generated_windows(model, d, frames, with_text, s):
+    """s.gen_per_caption generations of `frames` frames from each clip's caption of d (or with it
+    dropped) -> codebook-0 tokens (n, frames), ordered clip by clip. s: the settings (batch_size,
+    device, seed, and cfg_scale, temperature, top_k, cuda_graph for sampling)."""
+    idx = [i for i in range(len(d["clips"])) for _ in range(s.gen_per_caption)]
     tokens = []
-    gen = torch.Generator(device).manual_seed(seed)
+    gen = torch.Generator(s.device).manual_seed(s.seed)
     desc = f"generate ({'caption' if with_text else 'no caption'})"
-    for b in tqdm(range(0, len(idx), batch_size), desc=desc, leave=False):
-        text, mask = (t.to(device) for t in text_rows(d, idx[b:b + batch_size]))
+    for b in tqdm(range(0, len(idx), s.batch_size), desc=desc, leave=False):
+        text, mask = (t.to(s.device) for t in text_rows(d, idx[b:b + s.batch_size]))
         codes = model.generate(text, mask if with_text else torch.zeros_like(mask), frames,
-                               cfg=cfg if with_text else 1.0, temperature=temperature, top_k=top_k, generator=gen,
-                               cuda_graph=cuda_graph)
+                               cfg_scale=s.cfg_scale if with_text else 1.0,
+                               temperature=s.temperature, top_k=s.top_k, generator=gen,
+                               cuda_graph=s.cuda_graph)  # (B, K, frames)
         tokens.append(codes[:, 0].cpu())
     return torch.cat(tokens)
 
 
-def evaluate_offline():
-    model, checkpoint = load_model(out_dir, "lm")
-    root, meta = data_root(checkpoint), checkpoint["data_meta"]
-    d = read_split(root, split, meta)
-    nll, nll_notext = val_nll(model, d, checkpoint["config"]["seq_len"])
+def evaluate_offline(s):
+    """The offline section for the run s.out_dir -> its result: val NLL, text gain, the probe's."""
+    try:
+        model, checkpoint = load_run(s.out_dir, "lm", s.ckpt, s.ema)
+    except ValueError as e:
+        sys.exit(f"evaluate.py: {e}; set --out_dir")
+    model = model.to(s.device)
+    root, meta = data_root(checkpoint, s.data_dir), checkpoint["data_meta"]
+    d = read_split(root, s.split, meta)
+    L = checkpoint["config"]["seq_len"]
+    nll, nll_notext = val_nll(model, d, L, s.batch_size, s.device)  # (K,) each
     second = round(meta["codec"]["frame_rate"])
-    first, first_notext = val_nll(model, d, checkpoint["config"]["seq_len"], first=second)
+    first, first_notext = val_nll(model, d, L, s.batch_size, s.device, first=second)
     result = dict(section="offline", checkpoint=checkpoint["path"], iter_num=checkpoint["iter_num"],
-                  split=split, nll=nll.mean().item(), nll_notext=nll_notext.mean().item(),
-                  text_gain=(nll_notext - nll).mean().item(), nll_per_codebook=[round(x, 4) for x in nll.tolist()],
+                  split=s.split, nll=nll.mean().item(), nll_notext=nll_notext.mean().item(),
+                  text_gain=(nll_notext - nll).mean().item(),
+                  nll_per_codebook=[round(x, 4) for x in nll.tolist()],
                   text_gain_per_codebook=[round(x, 4) for x in (nll_notext - nll).tolist()],
                   text_gain_first_second=(first_notext - first).mean().item())
-    frames = round(probe_seconds * meta["codec"]["frame_rate"])
-    probe, classes, ceiling, chance = cached_probe(root, meta, frames)
-    if probe is None:
-        print(f"evaluate.py: the captions in {root} carry no attributes (only the synth set's do); no probe")
-        return result
-    labels = torch.tensor([label(classes, a) for a in read_attributes(root, split)])
-    labels = labels.repeat_interleave(gen_per_caption, 0)
-    probe_rows = {}
-    for with_text in (True, False):
-        acc = probe_accuracy(probe, generated_windows(model, d, frames, with_text), labels)
-        probe_rows["generated" if with_text else "generated_no_caption"] = acc
-    result.update(probe_attributes=list(classes), probe_ceiling=ceiling, probe_chance=chance, probe_cfg=cfg,
-                  probe_generated=probe_rows["generated"], probe_generated_no_caption=probe_rows["generated_no_caption"],
-                  **{f"probe_{k}_mean": mean(v) for k, v in dict(ceiling=ceiling, chance=chance, **probe_rows).items()})
+    result.update(probe_scores(model, d, root, meta, s))
     return result
 
 
+def probe_scores(model, d, root, meta, s):
+    """The probe's accuracy per attribute on real val windows (the ceiling), on windows the model
+    generates from the split's captions and with them dropped, and by chance -> the result's probe_*
+    entries ({}, with a note, where the captions carry no attributes)."""
+    frames = round(s.probe_seconds * meta["codec"]["frame_rate"])
+    probe, classes, ceiling, chance = cached_probe(root, meta, frames, s.probe_iters, s.seed)
+    if probe is None:
+        print(f"evaluate.py: the captions in {root} carry no attributes (only the synth set's do); "
+              "no probe")
+        return {}
+    attrs = read_attributes(root, s.split)
+    labels = torch.tensor([label(classes, a) for a in attrs])  # (clips, attributes)
+    labels = labels.repeat_interleave(s.gen_per_caption, 0)  # one row per generation
+    rows = {}
+    for with_text in (True, False):
+        acc = probe_accuracy(probe, generated_windows(model, d, frames, with_text, s), labels)
+        rows["generated" if with_text else "generated_no_caption"] = acc
+    accuracies = dict(ceiling=ceiling, chance=chance, **rows)
+    return dict(probe_attributes=list(classes), probe_ceiling=ceiling, probe_chance=chance,
+                probe_cfg_scale=s.cfg_scale, probe_generated=rows["generated"],
+                probe_generated_no_caption=rows["generated_no_caption"],
+                **{f"probe_{k}_mean": mean(v) for k, v in accuracies.items()})
+
+
 def mean(values):
-    """The mean of the attributes that have a value (the probe means skip attributes it could not score)."""
+    """The mean over the attributes that have a value (the probe's means skip those it could not
+    score)."""
     return float(np.mean([v for v in values if v is not None]))
 
 
 def print_offline(r):
     print(f"## offline metrics, {r['checkpoint']} (iter {r['iter_num']}), {r['split']} split\n")
-    print(f"NLL {r['nll']:.4f} nats/token, without the caption {r['nll_notext']:.4f}, text gain {r['text_gain']:+.4f} "
+    print(f"NLL {r['nll']:.4f} nats/token, without the caption {r['nll_notext']:.4f}, "
+          f"text gain {r['text_gain']:+.4f} "
           f"({r['text_gain_first_second']:+.4f} over the first second of each window)")
     print(f"per codebook: NLL {r['nll_per_codebook']}, text gain {r['text_gain_per_codebook']}\n")
     if "probe_attributes" in r:
@@ -325,7 +358,8 @@ def print_offline(r):
         print("|---|---|" + "---|" * len(r["probe_attributes"]))
         for name in ("ceiling", "generated", "generated_no_caption", "chance"):
             row = r[f"probe_{name}"]
-            print(f"| {name.replace('_', ' ')} | {mean(row):.3f} | " + " | ".join("-" if x is None else f"{x:.2f}" for x in row) + " |")
+            cells = " | ".join("-" if x is None else f"{x:.2f}" for x in row)
+            print(f"| {name.replace('_', ' ')} | {mean(row):.3f} | " + cells + " |")
 
 
 # -----------------------------------------------------------------------------
@@ -333,12 +367,14 @@ def print_offline(r):
 
 
 class Unavailable(Exception):
-    """A metric whose package or weights cannot be had; the message says what to install or where to put what."""
+    """A metric whose package or weights cannot be had; the message says what to install or where
+    to put what."""
 
 
-def weight_file(metric, name, url):
-    """-> the path of a weight file: <weights_dir or torch's hub dir>/checkpoints/<name>, downloaded if missing.
-    The hub dir is then pointed there, so the packages' own loaders find the file instead of downloading it."""
+def weight_file(metric, name, url, weights_dir=""):
+    """-> the path of a weight file: <weights_dir or torch's hub dir>/checkpoints/<name>, downloaded
+    if missing. The hub dir is then pointed there, so the packages' own loaders find the file
+    instead of downloading it."""
     hub = weights_dir or torch.hub.get_dir()
     path = os.path.join(hub, "checkpoints", name)
     if not os.path.exists(path):
@@ -346,8 +382,9 @@ def weight_file(metric, name, url):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             torch.hub.download_url_to_file(url, path, progress=False)
         except Exception:
-            raise Unavailable(f"{metric} needs {name}: cannot download {url}; fetch it elsewhere and put it at "
-                              f"{path} (or in <--weights_dir>/checkpoints/)") from None
+            why = (f"{metric} needs {name}: cannot download {url}; fetch it elsewhere and put it "
+                   f"at {path} (or in <--weights_dir>/checkpoints/)")
+            raise Unavailable(why) from None
     torch.hub.set_dir(hub)
     return path
 
@@ -355,32 +392,41 @@ def weight_file(metric, name, url):
 def need(metric, package, module):
     try:
         return __import__(module, fromlist=["_"])
-    except Exception as e:  # not installed, or one of its imports fails (hear21passt imports torchaudio)
-        raise Unavailable(f"{metric} needs the {package} package (import {module}: {str(e).splitlines()[0][:120]}): "
-                          f"pip install {package}") from None
+    except Exception as e:  # not installed, or one of its imports fails (hear21passt's torchaudio)
+        raise Unavailable(f"{metric} needs the {package} package (import {module}: "
+                          f"{str(e).splitlines()[0][:120]}): pip install {package}") from None
 
 
-def openl3_model():
-    """-> embed(wav (2, n) at 48 kHz) -> (frames, 1024): OpenL3 (music, mel256, 512-d) every 0.5 s of each channel,
-    left and right concatenated per frame, as stable-audio-metrics does for stereo (torchopenl3, not TF openl3)."""
+# Each evaluator's builder takes (device, seed, weights_dir) -> (model, spec): spec is the rate and
+# the channels its audio must have (load_audio). Unavailable where its package or weights cannot be
+# had.
+
+
+def openl3_model(device, seed, weights_dir):
+    """-> embed(wav (2, n) at 48 kHz) -> (frames, 1024): OpenL3 (music, mel256, 512-d) every 0.5 s
+    of each channel, left and right concatenated per frame, as stable-audio-metrics does for stereo
+    (torchopenl3, not TF openl3; on the CPU, whatever the device)."""
     torchopenl3 = need("FD_openl3", "torchopenl3", "torchopenl3")
-    weight_file("FD_openl3", "torchopenl3_mel256_music_512.pth.tar",
-                "https://github.com/torchopenl3/torchopenl3-models/raw/master/torchopenl3_mel256_music_512.pth.tar")
+    name = "torchopenl3_mel256_music_512.pth.tar"
+    url = f"https://github.com/torchopenl3/torchopenl3-models/raw/master/{name}"
+    weight_file("FD_openl3", name, url, weights_dir)
     model = torchopenl3.core.load_audio_embedding_model("mel256", "music", 512)
 
     def embed(wav):
-        emb, _ = torchopenl3.get_audio_embedding(wav.astype(np.float64), 48_000, model=model, hop_size=0.5,
-                                                 center=True, verbose=False)  # (2, frames, 512)
-        return torch.cat(list(emb), dim=-1).cpu().numpy()
+        emb, _ = torchopenl3.get_audio_embedding(wav.astype(np.float64), 48_000, model=model,
+                                                 hop_size=0.5, center=True, verbose=False)
+        return torch.cat(list(emb), dim=-1).cpu().numpy()  # (2, frames, 512) -> (frames, 1024)
     return embed, dict(rate=48_000, channels=2)
 
 
-def passt_model():
-    """-> probs(wav (1, n) at 32 kHz) -> (527,): PaSST's AudioSet logits averaged over 10 s windows every 5 s
-    (windows over 1.5 s zero-padded to 10 s), then softmax, as stable-audio-metrics does."""
+def passt_model(device, seed, weights_dir):
+    """-> probs(wav (1, n) at 32 kHz) -> (527,): PaSST's AudioSet logits averaged over 10 s windows
+    every 5 s (windows over 1.5 s zero-padded to 10 s), then softmax, as stable-audio-metrics
+    does."""
     base = need("KL_passt", "hear21passt", "hear21passt.base")
-    weight_file("KL_passt", "passt-s-f128-p16-s10-ap.476-swa.pt",
-                "https://github.com/kkoutini/PaSST/releases/download/v0.0.1-audioset/passt-s-f128-p16-s10-ap.476-swa.pt")
+    name = "passt-s-f128-p16-s10-ap.476-swa.pt"
+    url = f"https://github.com/kkoutini/PaSST/releases/download/v0.0.1-audioset/{name}"
+    weight_file("KL_passt", name, url, weights_dir)
     model = base.get_basic_model(mode="logits").to(device).eval()
     win, hop = 10 * 32_000, 5 * 32_000
 
@@ -397,28 +443,33 @@ def passt_model():
     return probs, dict(rate=32_000, channels=1)
 
 
-def clap_model():
-    """-> (embed_audio(wav (1, n) at 48 kHz) -> (512,), embed_text([str]) -> (n, 512)): LAION-CLAP's music
-    checkpoint (HTSAT-base, no fusion); audio goes through 16-bit quantization first, as CLAP was trained."""
+def clap_model(device, seed, weights_dir):
+    """-> (embed_audio(wav (1, n) at 48 kHz) -> (512,), embed_text([str]) -> (n, 512)): LAION-CLAP's
+    music checkpoint (HTSAT-base, no fusion); audio goes through 16-bit quantization first, as CLAP
+    was trained."""
     laion_clap = need("CLAP", "laion-clap", "laion_clap")
     name = "music_audioset_epoch_15_esc_90.14.pt"
-    path = weight_file("CLAP", name, f"https://huggingface.co/lukewys/laion_clap/resolve/main/{name}")
+    url = f"https://huggingface.co/lukewys/laion_clap/resolve/main/{name}"
+    path = weight_file("CLAP", name, url, weights_dir)
     try:
         model = laion_clap.CLAP_Module(enable_fusion=False, amodel="HTSAT-base", device=device)
     except Exception as e:  # it loads roberta-base from the Hugging Face hub
-        raise Unavailable(f"CLAP cannot build its text encoder (roberta-base from the Hugging Face hub): "
-                          f"{str(e).splitlines()[0][:160]}") from None
+        raise Unavailable("CLAP cannot build its text encoder (roberta-base from the Hugging Face "
+                          f"hub): {str(e).splitlines()[0][:160]}") from None
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = {k.removeprefix("module."): v for k, v in state.get("state_dict", state).items()}
     own = model.model.state_dict()
-    model.model.load_state_dict({k: v for k, v in state.items() if k in own or not k.endswith("position_ids")})
-    torch.manual_seed(seed)  # clips over 10 s: CLAP embeds a random 10 s crop (np.random inside laion_clap)
+    model.model.load_state_dict({k: v for k, v in state.items()
+                                 if k in own or not k.endswith("position_ids")})
+    # clips over 10 s: CLAP embeds a random 10 s crop (np.random inside laion_clap)
+    torch.manual_seed(seed)
     np.random.seed(seed)
 
     @torch.no_grad()
     def embed_audio(wav):
         x = np.round(np.clip(wav, -1, 1) * 32767).astype(np.int16).astype(np.float32) / 32767
-        return model.get_audio_embedding_from_data(torch.from_numpy(x).to(device), use_tensor=True)[0].float().cpu().numpy()
+        emb = model.get_audio_embedding_from_data(torch.from_numpy(x).to(device), use_tensor=True)
+        return emb[0].float().cpu().numpy()
 
     @torch.no_grad()
     def embed_text(texts):
@@ -431,10 +482,10 @@ METRIC_MODELS = dict(fd_openl3=openl3_model, kl_passt=passt_model, clap=clap_mod
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """Frechet distance between Gaussians N(mu1, sigma1) and N(mu2, sigma2):
-    |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^1/2). The last trace is computed as the sum of
-    the square roots of the eigenvalues of the symmetric s1^1/2 sigma2 s1^1/2, which has the same spectrum as
-    sigma1 sigma2: symmetric eigensolvers in float64, no complex parts to discard (scipy's sqrtm on the
-    non-symmetric product is what the usual code does)."""
+    |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^1/2). The last trace is computed
+    as the sum of the square roots of the eigenvalues of the symmetric s1^1/2 sigma2 s1^1/2, which
+    has the same spectrum as sigma1 sigma2: symmetric eigensolvers in float64, no complex parts to
+    discard (scipy's sqrtm on the non-symmetric product is what the usual code does)."""
     mu1, mu2, sigma1, sigma2 = (np.asarray(x, dtype=np.float64) for x in (mu1, mu2, sigma1, sigma2))
     w, v = np.linalg.eigh(sigma1)
     root1 = (v * np.sqrt(w.clip(min=0))) @ v.T  # sigma1^1/2
@@ -444,7 +495,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 
 def kl_divergence(p, q, eps=1e-6):
-    """KL(p || q) = sum p (log p - log(q + eps)) for distributions over the last axis (0 log 0 = 0)."""
+    """KL(p || q) = sum p (log p - log(q + eps)) over the last axis (distributions; 0 log 0 = 0)."""
     p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
     return (np.where(p > 0, p * (np.log(np.where(p > 0, p, 1)) - np.log(q + eps)), 0.0)).sum(-1)
 
@@ -452,12 +503,14 @@ def kl_divergence(p, q, eps=1e-6):
 def cosine(a, b):
     """Cosine similarity along the last axis."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-8)
+    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return (a * b).sum(-1) / np.maximum(norms, 1e-8)
 
 
 def load_audio(path, rate, channels):
-    """A file -> float32 (channels, samples) at `rate`, peak-normalized to -1 dBFS. channels=1 averages the
-    channels; channels=2 keeps the first two, or repeats a mono file. ValueError for a file that cannot be used."""
+    """A file -> float32 (channels, samples) at `rate`, peak-normalized to -1 dBFS. channels=1
+    averages the channels; channels=2 keeps the first two, or repeats a mono file. ValueError for a
+    file that cannot be used."""
     import soundfile as sf
     import soxr
     try:
@@ -467,7 +520,10 @@ def load_audio(path, rate, channels):
     peak = np.abs(wav).max() if wav.size else 0.0
     if not np.isfinite(wav).all() or peak < 1e-6:
         raise ValueError("empty, silent or not finite")
-    wav = wav.mean(1, keepdims=True) if channels == 1 else np.repeat(wav, 2, 1)[:, :2] if wav.shape[1] == 1 else wav[:, :2]
+    if channels == 1:
+        wav = wav.mean(1, keepdims=True)
+    else:
+        wav = np.repeat(wav, 2, 1)[:, :2] if wav.shape[1] == 1 else wav[:, :2]
     if sr != rate:
         wav = soxr.resample(wav, sr, rate)
     wav = wav / np.abs(wav).max() * 10 ** (-1 / 20)
@@ -475,16 +531,19 @@ def load_audio(path, rate, channels):
 
 
 def wav_files(folder, flag):
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in AUDIO_EXTENSIONS) \
-        if Path(folder).is_dir() else []
+    """-> {stem: path} of the audio files in folder; DataError (naming --flag) if it has none."""
+    files = []
+    if Path(folder).is_dir():
+        files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in AUDIO_EXTENSIONS)
     if not files:
-        sys.exit(f"evaluate.py: --{flag}={folder} holds no audio files ({', '.join(AUDIO_EXTENSIONS)})")
+        raise DataError(f"--{flag}={folder} holds no audio files ({', '.join(AUDIO_EXTENSIONS)})")
     return {p.stem: p for p in files}
 
 
-def captions_of(gen_files):
-    """-> ({generated stem: caption}, {reference stem: caption}): the generated folder's index.jsonl (sample.py
-    writes one) and --reference_captions (ids matched to stems). Either may be empty."""
+def captions_of(gen_files, reference_captions=""):
+    """-> ({generated stem: caption}, {reference stem: caption}): the generated folder's index.jsonl
+    (sample.py writes one) and the reference_captions file (ids matched to stems). Either may be
+    empty."""
     gen, ref = {}, {}
     index = next(iter(gen_files.values())).parent / "index.jsonl"
     if index.exists():
@@ -500,7 +559,8 @@ def captions_of(gen_files):
 
 
 def pair_files(gen_files, ref_files, gen_captions, ref_captions):
-    """Each generated file's reference: the file with the same stem, else one whose caption is its caption."""
+    """Each generated file's reference: the file with the same stem, else one whose caption is its
+    caption."""
     by_caption = {c: stem for stem, c in sorted(ref_captions.items()) if stem in ref_files}
     pairs = {}
     for stem in gen_files:
@@ -511,7 +571,8 @@ def pair_files(gen_files, ref_files, gen_captions, ref_captions):
 
 
 def each_file(files, spec, problems, desc):
-    """Yield (stem, waveform) for the files that load; what does not is added to problems, not fatal."""
+    """Yield (stem, waveform) for the files that load; what does not is added to problems, not
+    fatal."""
     for stem, path in tqdm(files.items(), desc=desc, leave=False):
         try:
             yield stem, load_audio(path, spec["rate"], spec["channels"])
@@ -520,8 +581,8 @@ def each_file(files, spec, problems, desc):
 
 
 def openl3_stats(embed, spec, files, problems, cache=None):
-    """Mean and covariance of the OpenL3 frames of all files (frames pooled, not averaged per file); cached in
-    `cache` (.npz) with the file list, reused while the list is the same."""
+    """Mean and covariance of the OpenL3 frames of all files (frames pooled, not averaged per file);
+    cached in `cache` (.npz) with the file list, reused while the list is the same."""
     names = np.array(sorted(str(p) for p in files.values()))
     if cache and os.path.exists(cache):
         saved = np.load(cache)
@@ -537,56 +598,82 @@ def openl3_stats(embed, spec, files, problems, cache=None):
     return mu, sigma
 
 
-def evaluate_audio():
-    gen_dir = generated
-    if prompts_file:  # generate first, with sample.py's own code
-        import sample
-        gen_dir = os.path.join(out_dir, "samples_eval")
-        sample.run(types.SimpleNamespace(**dict(sample.DEFAULTS, out_dir=out_dir, ckpt=ckpt, ema=ema, seed=seed,
-                                                prompts_file=prompts_file, samples_dir=gen_dir, seconds=seconds,
-                                                device=device, overwrite=True)))
-    if not gen_dir or not reference:
-        sys.exit("evaluate.py: the audio section needs --generated=DIR (or --out_dir with --prompts_file) and --reference=DIR")
-    gen_files, ref_files = wav_files(gen_dir, "generated"), wav_files(reference, "reference")
-    gen_captions, ref_captions = captions_of(gen_files)
-    result = dict(section="audio", generated=gen_dir, reference=reference, n_generated=len(gen_files),
-                  n_reference=len(ref_files), unavailable={}, problems={})
-    for metric in metrics:
+def generate_samples(s):
+    """sample.py's own code writes a file per prompt of s.prompts_file from the run s.out_dir into
+    out_dir/samples_eval (replacing what is there) -> that folder."""
+    import sample
+    folder = os.path.join(s.out_dir, "samples_eval")
+    settings = dict(sample.DEFAULTS, out_dir=s.out_dir, ckpt=s.ckpt, ema=s.ema, seed=s.seed,
+                    prompts_file=s.prompts_file, samples_dir=folder, seconds=s.seconds,
+                    device=s.device, overwrite=True)
+    sample.run(types.SimpleNamespace(**settings))
+    return folder
+
+
+def evaluate_audio(s):
+    """The audio section: each of s.metrics on the generated folder (written first from
+    s.prompts_file where given) against s.reference -> the result; a metric that is unavailable is
+    noted and skipped."""
+    gen_dir = generate_samples(s) if s.prompts_file else s.generated
+    if not gen_dir or not s.reference:
+        sys.exit("evaluate.py: the audio section needs --generated=DIR (or --out_dir with "
+                 "--prompts_file) and --reference=DIR")
+    gen_files, ref_files = wav_files(gen_dir, "generated"), wav_files(s.reference, "reference")
+    gen_captions, ref_captions = captions_of(gen_files, s.reference_captions)
+    result = dict(section="audio", generated=gen_dir, reference=s.reference,
+                  n_generated=len(gen_files), n_reference=len(ref_files),
+                  unavailable={}, problems={})
+    problems = result["problems"]  # {file: why it was skipped}
+    for metric in s.metrics:
         if metric not in METRIC_MODELS:
-            sys.exit(f"evaluate.py: unknown metric {metric!r} in --metrics; available: {', '.join(METRIC_MODELS)}")
+            sys.exit(f"evaluate.py: unknown metric {metric!r} in --metrics; "
+                     f"available: {', '.join(METRIC_MODELS)}")
         try:
-            model, spec = METRIC_MODELS[metric]()
+            model, spec = METRIC_MODELS[metric](s.device, s.seed, s.weights_dir)
         except Unavailable as e:
             result["unavailable"][metric] = str(e)
             print(f"evaluate.py: {metric} skipped: {e}", file=sys.stderr)
             continue
         if metric == "fd_openl3":
-            cache = os.path.join(reference, "fd_openl3_stats.npz") if os.access(reference, os.W_OK) else None
-            mu_r, sigma_r = openl3_stats(model, spec, ref_files, result["problems"], cache)
-            mu_g, sigma_g = openl3_stats(model, spec, gen_files, result["problems"])
+            writable = os.access(s.reference, os.W_OK)
+            cache = os.path.join(s.reference, "fd_openl3_stats.npz") if writable else None
+            mu_r, sigma_r = openl3_stats(model, spec, ref_files, problems, cache)
+            mu_g, sigma_g = openl3_stats(model, spec, gen_files, problems)
             result["fd_openl3"] = frechet_distance(mu_g, sigma_g, mu_r, sigma_r)
-        elif metric == "kl_passt":  # KL(generated || reference), as stable-audio-metrics computes it
+        elif metric == "kl_passt":
             pairs = pair_files(gen_files, ref_files, gen_captions, ref_captions)
-            refs = {r: ref_files[r] for r in set(pairs.values())}
-            ref_probs = {r: model(w) for r, w in each_file(refs, spec, result["problems"], "PaSST reference")}
-            kls = [kl_divergence(model(w), ref_probs[pairs[s]])
-                   for s, w in each_file({s: gen_files[s] for s in pairs}, spec, result["problems"], "PaSST")
-                   if pairs[s] in ref_probs]
-            result.update(kl_passt=float(np.mean(kls)) if kls else None, kl_passt_pairs=len(kls))
+            result.update(kl_passt_score(model, spec, gen_files, ref_files, pairs, problems))
         else:
-            embed_audio, embed_text = model
-            with_text = {s: gen_files[s] for s in gen_files if s in gen_captions}
-            sims = [cosine(embed_audio(w), embed_text([gen_captions[s]])[0])
-                    for s, w in each_file(with_text, spec, result["problems"], "CLAP")]
-            result.update(clap=float(np.mean(sims)) if sims else None, clap_files=len(sims))
-    for path, why in result["problems"].items():
+            result.update(clap_score(*model, spec, gen_files, gen_captions, problems))
+    for path, why in problems.items():
         print(f"evaluate.py: skipped {path}: {why}", file=sys.stderr)
     return result
 
 
+def kl_passt_score(probs, spec, gen_files, ref_files, pairs, problems):
+    """KL(generated || reference), as stable-audio-metrics computes it, averaged over the pairs
+    {generated stem: reference stem} -> dict(kl_passt, kl_passt_pairs)."""
+    refs = {r: ref_files[r] for r in set(pairs.values())}
+    ref_probs = {r: probs(w) for r, w in each_file(refs, spec, problems, "PaSST reference")}
+    paired = {stem: gen_files[stem] for stem in pairs}
+    kls = [kl_divergence(probs(w), ref_probs[pairs[stem]])
+           for stem, w in each_file(paired, spec, problems, "PaSST") if pairs[stem] in ref_probs]
+    return dict(kl_passt=float(np.mean(kls)) if kls else None, kl_passt_pairs=len(kls))
+
+
+def clap_score(embed_audio, embed_text, spec, gen_files, gen_captions, problems):
+    """The mean cosine of each captioned generated file's CLAP embedding and its caption's
+    -> dict(clap, clap_files)."""
+    with_text = {stem: path for stem, path in gen_files.items() if stem in gen_captions}
+    sims = [cosine(embed_audio(w), embed_text([gen_captions[stem]])[0])
+            for stem, w in each_file(with_text, spec, problems, "CLAP")]
+    return dict(clap=float(np.mean(sims)) if sims else None, clap_files=len(sims))
+
+
 def print_audio(r):
     cell = lambda k: f"{r[k]:.4f}" if r.get(k) is not None else "n/a"  # noqa: E731
-    print(f"## audio metrics: {r['n_generated']} generated ({r['generated']}) vs {r['n_reference']} reference ({r['reference']})\n")
+    print(f"## audio metrics: {r['n_generated']} generated ({r['generated']}) "
+          f"vs {r['n_reference']} reference ({r['reference']})\n")
     print("| generated | FD_openl3 | KL_passt | CLAP |\n|---|---|---|---|")
     print(f"| {r['generated']} | {cell('fd_openl3')} | {cell('kl_passt')} | {cell('clap')} |")
 
@@ -595,51 +682,70 @@ def print_audio(r):
 # stage 2: codebooks 1..K-1 restored from codebook 0
 
 
-def val_codes(checkpoint, frames):
-    """The first `frames` frames of up to `clips` val clips: (n, K, frames), all stored codebooks."""
-    d = read_split(data_root(checkpoint), split, checkpoint["data_meta"])
+def val_codes(root, meta, split, seconds, clips):
+    """The first `seconds` of up to `clips` clips of the split that are that long: (n, K, frames),
+    all stored codebooks."""
+    frames = round(seconds * meta["codec"]["frame_rate"])
+    d = read_split(root, split, meta)
     picked = [(o, n) for o, n in d["clips"][:, :2].tolist() if n >= frames][:clips]
     if not picked:
-        sys.exit(f"evaluate.py: no {split} clip in {data_root(checkpoint)} is {seconds} s long; lower --seconds")
-    return torch.stack([torch.from_numpy(d["codes"][:, o:o + frames].astype(np.int64)) for o, _ in picked])
+        raise DataError(f"no {split} clip in {root} is {seconds} s long; lower --seconds")
+    return torch.stack([torch.from_numpy(d["codes"][:, o:o + frames].astype(np.int64))
+                        for o, _ in picked])
 
 
 @torch.no_grad()
 def scores(model, latent, truth):
-    """Accuracy per codebook 1..K-1 after re-quantizing `latent`, and the latent MSE in units of the true
-    latent's per-channel variance (1 = as far off as a guess of each channel's mean)."""
+    """Accuracy per codebook 1..K-1 after re-quantizing `latent`, and the latent MSE in units of the
+    true latent's per-channel variance (1 = as far off as a guess of each channel's mean)."""
     codes = model.quantize(latent)
     acc = (codes[:, 1:] == truth[:, 1:]).float().mean((0, 2))  # (K-1,)
     true = model.latent(truth)  # (n, D, T)
     mse = (((latent - true) ** 2).mean((0, 2)) / true.var((0, 2))).mean().item()
-    return dict(acc_mean=acc.mean().item(), acc_per_codebook=[round(a, 4) for a in acc.tolist()], latent_mse=mse)
+    return dict(acc_mean=acc.mean().item(), acc_per_codebook=[round(a, 4) for a in acc.tolist()],
+                latent_mse=mse)
 
 
-def evaluate_stage2():
-    model, checkpoint = load_model(stage2_dir, "stage2")
-    truth = val_codes(checkpoint, round(seconds * checkpoint["data_meta"]["codec"]["frame_rate"])).to(device)  # (n, K, T)
-    rows = [dict(method="codebook 0 only (no stage 2)", **scores(model, model.latent(truth[:, :1]), truth))]
-    for temp in stage2_temperatures:
+def evaluate_stage2(s):
+    """The stage-2 section for the run s.stage2_dir -> the result: a row for codebook 0 alone, then
+    one per temperature in s.stage2_temperatures."""
+    try:
+        model, checkpoint = load_run(s.stage2_dir, "stage2", s.ckpt, s.ema)
+    except ValueError as e:
+        sys.exit(f"evaluate.py: {e}; set --stage2_dir")
+    model = model.to(s.device)
+    root, meta = data_root(checkpoint, s.data_dir), checkpoint["data_meta"]
+    truth = val_codes(root, meta, s.split, s.seconds, s.clips).to(s.device)  # (n, K, T)
+    alone = model.latent(truth[:, :1])  # codebook 0's embedding: what stage 1 alone gives
+    rows = [dict(method="codebook 0 only (no stage 2)", **scores(model, alone, truth))]
+    for temp in s.stage2_temperatures:
         t0 = time.time()
-        latent = model.sample(truth[:, 0], stage2_steps, temperature=temp, generator=torch.Generator().manual_seed(seed))
-        rows.append(dict(method=f"stage 2, {stage2_steps} steps, temperature {temp:g}", **scores(model, latent, truth),
-                         seconds_per_audio_second=(time.time() - t0) / (len(truth) * seconds)))
+        latent = model.sample(truth[:, 0], s.stage2_steps, temperature=temp,
+                              generator=torch.Generator().manual_seed(s.seed))
+        rows.append(dict(method=f"stage 2, {s.stage2_steps} steps, temperature {temp:g}",
+                         **scores(model, latent, truth),
+                         seconds_per_audio_second=(time.time() - t0) / (len(truth) * s.seconds)))
     return dict(section="stage2", checkpoint=checkpoint["path"], iter_num=checkpoint["iter_num"],
-                split=split, clips=len(truth), seconds=seconds, device=device,
-                codec_pretrained=checkpoint["data_meta"]["codec"]["pretrained"], rows=rows)
+                split=s.split, clips=len(truth), seconds=s.seconds, device=s.device,
+                codec_pretrained=meta["codec"]["pretrained"], rows=rows)
 
 
 def print_stage2(r):
-    print(f"## stage 2 on {r['clips']} {r['split']} clips x {r['seconds']} s ({r['checkpoint']}, iter {r['iter_num']})\n")
-    print("| method | codebooks 1.. accuracy | per codebook | latent MSE | s per audio second |\n|---|---|---|---|---|")
+    print(f"## stage 2 on {r['clips']} {r['split']} clips x {r['seconds']} s "
+          f"({r['checkpoint']}, iter {r['iter_num']})\n")
+    print("| method | codebooks 1.. accuracy | per codebook | latent MSE | s per audio second |\n"
+          "|---|---|---|---|---|")
     for row in r["rows"]:
         t = row.get("seconds_per_audio_second")
-        print(f"| {row['method']} | {row['acc_mean']:.4f} | {row['acc_per_codebook']} | {row['latent_mse']:.4f} | "
-              f"{'' if t is None else f'{t:.4f}'} |")
+        print(f"| {row['method']} | {row['acc_mean']:.4f} | {row['acc_per_codebook']} | "
+              f"{row['latent_mse']:.4f} | {'' if t is None else f'{t:.4f}'} |")
 
 
 # -----------------------------------------------------------------------------
 # comparison of runs
+#
+# A run's summary (run_summary) is one dict; a setting is the list of its runs (one per seed); a
+# variant is one model design, trained at one or more settings (learning rates).
 
 
 def read_log(run):
@@ -647,21 +753,24 @@ def read_log(run):
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)}
+                for row in csv.DictReader(f)]
 
 
-SEED_KEYS = ("seed", "out_dir", "init_from", "log_interval")  # config keys that differ between seeds of one setting
+# the config keys that differ between the seeds of one setting
+SEED_KEYS = ("seed", "out_dir", "init_from", "log_interval")
 
 
 def run_summary(run):
-    """What one run's checkpoint, log.csv and eval_*.json files say."""
+    """What one run's checkpoint, log.csv and eval_*.json files say. DataError where run is not a
+    train.py out_dir with val loss rows."""
     try:
-        model, checkpoint = load_run(run, which="last")  # the run as it stands: its config, its size
+        model, checkpoint = load_run(run, which="last")  # as the run stands: its config and size
     except ValueError as e:
-        sys.exit(f"evaluate.py: {e}; --runs takes train.py out_dirs")
+        raise DataError(f"{e}; --runs takes train.py out_dirs") from None
     log = [r for r in read_log(run) if "val_loss" in r]
     if not log:
-        sys.exit(f"evaluate.py: {run}/log.csv has no val loss rows; --runs takes train.py out_dirs")
+        raise DataError(f"{run}/log.csv has no val loss rows; --runs takes train.py out_dirs")
     evals = {}
     for name in ("offline", "audio"):
         p = os.path.join(run, f"eval_{name}.json")
@@ -671,15 +780,18 @@ def run_summary(run):
     return dict(run=run, config=checkpoint["config"], params=model.num_params(), log=log,
                 tokens_per_s=float(np.median(speeds)) if speeds else None,
                 text_gain=evals.get("text_gain", log[-1].get("text_gain")),
-                text_gain_first_second=evals.get("text_gain_first_second"), probe=evals.get("probe_generated_mean"),
+                text_gain_first_second=evals.get("text_gain_first_second"),
+                probe=evals.get("probe_generated_mean"),
                 probe_no_caption=evals.get("probe_generated_no_caption_mean"),
-                probe_ceiling=evals.get("probe_ceiling_mean"), **{m: evals.get(m) for m in METRIC_MODELS})
+                probe_ceiling=evals.get("probe_ceiling_mean"),
+                **{m: evals.get(m) for m in METRIC_MODELS})
 
 
 def variant_names(settings):
-    """A name per variant (settings without the learning rate): cond_block, plus the keys that tell apart
-    variants whose cond_block is the same."""
-    base = [f"{s.get('cond')}_{s.get('block')}" if s.get("model_type", "lm") == "lm" else "stage2" for s in settings]
+    """A name per variant (settings without the learning rate): cond_block, plus the keys that tell
+    apart variants whose cond_block is the same."""
+    base = [f"{s.get('cond')}_{s.get('block')}" if s.get("model_type", "lm") == "lm" else "stage2"
+            for s in settings]
     names = []
     for s, b in zip(settings, base):
         twins = [t for t, c in zip(settings, base) if c == b and t is not s]
@@ -689,7 +801,8 @@ def variant_names(settings):
 
 
 def group_runs(rows):
-    """Runs whose settings differ only in SEED_KEYS are seeds of one setting -> [[row, ...], ...] (first-seen order)."""
+    """Runs whose settings differ only in SEED_KEYS are seeds of one setting -> [[row, ...], ...]
+    (first-seen order)."""
     groups = {}
     for r in rows:
         key = repr(sorted((k, v) for k, v in r["config"].items() if k not in SEED_KEYS))
@@ -697,14 +810,27 @@ def group_runs(rows):
     return list(groups.values())
 
 
+def group_variants(groups):
+    """Settings -> {variant name: [setting, ...]}: the settings of a variant differ in the learning
+    rate."""
+    settings = [{k: v for k, v in g[0]["config"].items() if k not in SEED_KEYS + ("learning_rate",)}
+                for g in groups]
+    variants = {}
+    for name, g in zip(variant_names(settings), groups):
+        variants.setdefault(name, []).append(g)
+    return variants
+
+
 def at(row, x, budget):
-    """The run's val loss at `budget` of x (iter, flops_seen or train_seconds), linear between its evals."""
+    """The run's val loss at `budget` of x (iter, flops_seen or train_seconds), linear between its
+    evals."""
     log = row["log"]
     return float(np.interp(budget, [p.get(x, 0.0) for p in log], [p["val_loss"] for p in log]))
 
 
 def spread(values):
-    """-> (mean, standard deviation over the seeds (None for one seed), n); values that are None are left out."""
+    """-> (mean, standard deviation over the seeds (None for one seed), n); values that are None are
+    left out."""
     v = [x for x in values if x is not None]
     if not v:
         return None
@@ -718,71 +844,104 @@ def show(s, f=".4f"):
     return format(mean, f) + ("" if sd is None else " ± " + format(sd, f))
 
 
-def compare(run_dirs):
-    """Group the runs' seeds; per variant, pick the learning rate with the lowest mean final val loss (over the seeds
-    that every rate has, as sweep.py picks) and compare the variants there at equal steps, equal training FLOPs and
-    equal training wall-clock (the least that every variant reached), with the text gain and the probe. Prints two
-    Markdown tables, draws the curves with their spread, returns the per-variant rows."""
-    groups = group_runs([run_summary(r) for r in run_dirs])
-    settings = [{k: v for k, v in g[0]["config"].items() if k not in SEED_KEYS + ("learning_rate",)} for g in groups]
-    names = variant_names(settings)
-    variants = {}
-    for name, g in zip(names, groups):
-        variants.setdefault(name, []).append(g)
-    def stopped(g):  # the last step of a run that stopped before its max_iters (a diverged loss), else None
-        return next((r["log"][-1]["iter"] for r in g if r["log"][-1]["iter"] < r["config"]["max_iters"]), None)
+def stopped(g):
+    """The last step of a setting's run that stopped before its max_iters (a diverged loss), else
+    None."""
+    return next((r["log"][-1]["iter"] for r in g
+                 if r["log"][-1]["iter"] < r["config"]["max_iters"]), None)
 
-    def final(g, shared):  # the mean final val loss over the seeds shared by every setting of the variant (seed 0
-        # in a sweep: extra seeds at one rate do not decide between rates); a setting with a stopped run never wins
+
+def best_setting(gs):
+    """A variant's settings -> the one with the lowest mean final val loss over the seeds that every
+    setting has (seed 0 in a sweep: extra seeds at one rate do not decide between rates); a setting
+    with a stopped run never wins."""
+    shared = set.intersection(*({r["config"]["seed"] for r in g} for g in gs))
+
+    def final(g):
         runs = [r for r in g if r["config"]["seed"] in shared] or g
-        return np.inf if stopped(g) is not None else spread([r["log"][-1]["val_loss"] for r in runs])[0]
+        if stopped(g) is not None:
+            return np.inf
+        return spread([r["log"][-1]["val_loss"] for r in runs])[0]
+    return min(gs, key=final)
 
-    best = {}
-    for name, gs in variants.items():
-        shared = set.intersection(*({r["config"]["seed"] for r in g} for g in gs))
-        best[name] = min(gs, key=lambda g: final(g, shared))
 
-    print("Every setting: the final val loss, mean ± sd over the seeds.\n")
-    print("| variant | learning rate | seeds | steps | final val loss | |\n|---|---|---|---|---|---|")
-    for name, gs in variants.items():
-        gs.sort(key=lambda g: g[0]["config"]["learning_rate"])
-        for g in gs:
-            mark = "" if stopped(g) is None else f"stopped at step {stopped(g):.0f} of {g[0]['config']['max_iters']}"
-            if g is best[name]:
-                mark = "best, at the edge of the grid" if len(gs) > 1 and g in (gs[0], gs[-1]) else "best"
-            print(f"| {name} | {g[0]['config']['learning_rate']:.3g} | {len(g)} | {int(g[0]['log'][-1]['iter'])} | "
-                  f"{show(spread([r['log'][-1]['val_loss'] for r in g]))} | {mark} |")
-
+def compare(run_dirs, out=""):
+    """Group the runs' seeds; per variant, pick the learning rate with the lowest mean final val
+    loss (over the seeds that every rate has, as sweep.py picks) and compare the variants there at
+    equal steps, equal training FLOPs and equal training wall-clock (the least that every variant
+    reached), with the text gain and the probe. Prints two Markdown tables, draws the curves with
+    their spread (in out, default compare.png), returns the per-variant rows."""
+    variants = group_variants(group_runs([run_summary(r) for r in run_dirs]))
+    best = {name: best_setting(gs) for name, gs in variants.items()}
+    print_settings(variants, best)
     budgets = {x: min(r["log"][-1].get(x, 0.0) for g in best.values() for r in g)
                for x in ("iter", "flops_seen", "train_seconds")}
-    rows = []
-    for name, g in best.items():
-        rows.append(dict(variant=name, learning_rate=g[0]["config"]["learning_rate"], seeds=len(g),
-                         runs=[r["run"] for r in g], params=g[0]["params"],
-                         tokens_per_s=spread([r["tokens_per_s"] for r in g]),
-                         **{f"val_loss_at_{x}": spread([at(r, x, b) for r in g]) for x, b in budgets.items()},
-                         **{k: spread([r[k] for r in g]) for k in ("text_gain", "text_gain_first_second", "probe",
-                                                                  "probe_no_caption", "probe_ceiling",
-                                                                  *METRIC_MODELS)}))
-    print(f"\nEach variant at its best learning rate (mean ± sd over the seeds). Budgets: {budgets['iter']:.0f} "
-          f"steps, {budgets['flops_seen']:.3g} training FLOPs, {budgets['train_seconds']:.0f} s of training.\n")
-    columns = {"val loss, equal steps": ("val_loss_at_iter", ".4f"), "equal FLOPs": ("val_loss_at_flops_seen", ".4f"),
-               "equal wall-clock": ("val_loss_at_train_seconds", ".4f"), "text gain": ("text_gain", "+.4f"),
-               "text gain, 1st s": ("text_gain_first_second", "+.4f"), "probe: generated": ("probe", ".3f"),
-               "no caption": ("probe_no_caption", ".3f"), "ceiling": ("probe_ceiling", ".3f"),
+    rows = [variant_row(name, g, budgets) for name, g in best.items()]
+    print_comparison(rows, budgets)
+    plot_curves(best, out or "compare.png")
+    return rows
+
+
+def variant_row(name, g, budgets):
+    """A variant's row of the comparison from its best setting g (its runs): each number as spread
+    gives it over the seeds, the val loss at each of the budgets {x: the least of x every variant
+    reached}."""
+    keys = ("text_gain", "text_gain_first_second", "probe", "probe_no_caption", "probe_ceiling",
+            *METRIC_MODELS)
+    return dict(variant=name, learning_rate=g[0]["config"]["learning_rate"], seeds=len(g),
+                runs=[r["run"] for r in g], params=g[0]["params"],
+                tokens_per_s=spread([r["tokens_per_s"] for r in g]),
+                **{f"val_loss_at_{x}": spread([at(r, x, b) for r in g])
+                   for x, b in budgets.items()},
+                **{k: spread([r[k] for r in g]) for k in keys})
+
+
+def print_settings(variants, best):
+    """The table of every setting: its final val loss (mean ± sd over the seeds), which is the
+    best."""
+    print("Every setting: the final val loss, mean ± sd over the seeds.\n")
+    print("| variant | learning rate | seeds | steps | final val loss | |")
+    print("|---|---|---|---|---|---|")
+    for name, gs in variants.items():
+        gs = sorted(gs, key=lambda g: g[0]["config"]["learning_rate"])
+        for g in gs:
+            mark = ""
+            if stopped(g) is not None:
+                mark = f"stopped at step {stopped(g):.0f} of {g[0]['config']['max_iters']}"
+            if g is best[name]:
+                edge = len(gs) > 1 and g in (gs[0], gs[-1])
+                mark = "best, at the edge of the grid" if edge else "best"
+            final = show(spread([r["log"][-1]["val_loss"] for r in g]))
+            print(f"| {name} | {g[0]['config']['learning_rate']:.3g} | {len(g)} | "
+                  f"{int(g[0]['log'][-1]['iter'])} | {final} | {mark} |")
+
+
+def print_comparison(rows, budgets):
+    """The table of the variants at their best learning rates, at the budgets every variant
+    reached."""
+    print(f"\nEach variant at its best learning rate (mean ± sd over the seeds). Budgets: "
+          f"{budgets['iter']:.0f} steps, {budgets['flops_seen']:.3g} training FLOPs, "
+          f"{budgets['train_seconds']:.0f} s of training.\n")
+    columns = {"val loss, equal steps": ("val_loss_at_iter", ".4f"),  # header: (row key, format)
+               "equal FLOPs": ("val_loss_at_flops_seen", ".4f"),
+               "equal wall-clock": ("val_loss_at_train_seconds", ".4f"),
+               "text gain": ("text_gain", "+.4f"),
+               "text gain, 1st s": ("text_gain_first_second", "+.4f"),
+               "probe: generated": ("probe", ".3f"),
+               "no caption": ("probe_no_caption", ".3f"),
+               "ceiling": ("probe_ceiling", ".3f"),
                **{m: (m, ".3f") for m in METRIC_MODELS}}
     print("| variant | lr | seeds | params | tokens/s | " + " | ".join(columns) + " |")
     print("|---|---|---|---|---|" + "---|" * len(columns))
     for r in rows:
-        print(f"| {r['variant']} | {r['learning_rate']:.3g} | {r['seeds']} | {r['params'] / 1e6:.3f}M | "
-              f"{show(r['tokens_per_s'], ',.0f')} | " + " | ".join(show(r[k], f) for k, f in columns.values()) + " |")
-    plot_curves(best)
-    return rows
+        cells = " | ".join(show(r[k], f) for k, f in columns.values())
+        print(f"| {r['variant']} | {r['learning_rate']:.3g} | {r['seeds']} | "
+              f"{r['params'] / 1e6:.3f}M | {show(r['tokens_per_s'], ',.0f')} | " + cells + " |")
 
 
-def plot_curves(best):
-    """Val loss against steps, training FLOPs and training seconds: each variant's seeds at its best rate, their mean
-    as a line and their range as a band."""
+def plot_curves(best, path):
+    """Val loss against steps, training FLOPs and training seconds, written to path (PNG): each
+    variant's seeds at its best rate, their mean as a line and their range as a band."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -790,9 +949,10 @@ def plot_curves(best):
     for name, g in best.items():
         n = min(len(r["log"]) for r in g)  # seeds of one setting evaluate at the same steps
         y = np.array([[p["val_loss"] for p in r["log"][:n]] for r in g])  # (seeds, evals)
-        label = f"{name}, lr {g[0]['config']['learning_rate']:.3g} ({len(g)} seed{'s' * (len(g) > 1)})"
+        seeds = f"{len(g)} seed{'s' * (len(g) > 1)}"
+        label = f"{name}, lr {g[0]['config']['learning_rate']:.3g} ({seeds})"
         for ax, x in zip(axes, ("iter", "flops_seen", "train_seconds")):
-            xs = np.array([[p.get(x, 0.0) for p in r["log"][:n]] for r in g]).mean(0)
+            xs = np.array([[p.get(x, 0.0) for p in r["log"][:n]] for r in g]).mean(0)  # (evals,)
             line, = ax.plot(xs, y.mean(0), marker=".", label=label)
             ax.fill_between(xs, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
     for ax, label in zip(axes, ("steps", "training FLOPs", "training wall-clock (s)")):
@@ -801,7 +961,6 @@ def plot_curves(best):
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    path = out or "compare.png"
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     print(f"\nwrote {path}")
 
@@ -810,35 +969,35 @@ def plot_curves(best):
 
 
 def main(argv):
+    """The settings from argv (configurator.py; --runs DIR DIR ... takes the folders up to the next
+    --flag) -> the section's result, or the --runs comparison's rows."""
     keep_freed_memory()
-    if "--runs" in argv:  # --runs DIR DIR ...: the folders up to the next --flag
-        i = argv.index("--runs")
-        j = next((k for k in range(i + 1, len(argv)) if argv[k].startswith("--")), len(argv))
-        if j == i + 1:
-            sys.exit("evaluate.py: --runs needs one or more run folders")
-        argv = argv[:i] + [f"--runs={tuple(argv[i + 1:j])!r}"] + argv[j:]
-    configure(globals(), argv, "evaluate.py")
+    s = types.SimpleNamespace(**configure(dict(DEFAULTS), argv, "evaluate.py", __doc__))
     try:
-        return run_section()
+        return run_section(s)
     except DataError as e:
         sys.exit(f"evaluate.py: {e}")
 
 
-def run_section():
-    """The section the settings ask for (or the --runs comparison) -> its result, also saved as JSON."""
-    if runs:
-        return compare(runs)
-    sections = dict(offline=(evaluate_offline, print_offline, out_dir), audio=(evaluate_audio, print_audio, None),
-                    stage2=(evaluate_stage2, print_stage2, stage2_dir))
-    if section not in sections:
-        sys.exit(f"evaluate.py: unknown section {section!r}; available: {', '.join(sections)} (or --runs DIR ...)")
-    if section == "offline" and not out_dir:
+def run_section(s):
+    """The section the settings s ask for (or the --runs comparison) -> its result, also saved as
+    JSON."""
+    if s.runs:
+        return compare(s.runs, s.out)
+    sections = dict(offline=(evaluate_offline, print_offline, s.out_dir),
+                    audio=(evaluate_audio, print_audio, None),
+                    stage2=(evaluate_stage2, print_stage2, s.stage2_dir))
+    if s.section not in sections:
+        sys.exit(f"evaluate.py: unknown section {s.section!r}; available: {', '.join(sections)} "
+                 f"(or --runs DIR ...)")
+    if s.section == "offline" and not s.out_dir:
         sys.exit("evaluate.py: the offline section needs --out_dir=RUN (a train.py out_dir)")
-    evaluate, show, folder = sections[section]
-    result = evaluate()
-    show(result)
-    folder = folder or (out_dir if section == "audio" and out_dir else result.get("generated"))
-    save_json(result, out or os.path.join(folder, f"eval_{section}.json"))
+    measure, report, folder = sections[s.section]
+    result = measure(s)
+    report(result)
+    if not folder:  # audio: the run it generated from, else the generated folder
+        folder = s.out_dir if s.section == "audio" and s.out_dir else result.get("generated")
+    save_json(result, s.out or os.path.join(folder, f"eval_{s.section}.json"))
     return result
 
 

@@ -2,27 +2,28 @@
 
 Read top to bottom:
   1. the config (one dataclass) and small helpers: RMSNorm, sinusoidal positions, the delay pattern
-  2. mixers: Mamba-1, Mamba-2 (both on scan.py's selective scan), causal self-attention, cross-attention
+  2. mixers: Mamba-1, Mamba-2 (both on scan.py's selective scan), causal self-attention,
+     cross-attention
   3. the block: pre-norm residual, mixer [+ cross-attention] [+ MLP]
   4. the LM: codebook embeddings, text conditioning (prefix or cross), K heads, the loss
   5. generation: prefill + one step at a time with per-layer caches, classifier-free guidance
-  6. FLOPs accounting
-  7. the two-stage design's diffusion model (Stage2Diffusion)
-  8. loading a run's checkpoint or export (load_run), and writing an export (export_run)
+  6. FLOPs accounting, and the helpers train.py and generation share: the loss per codebook,
+     sampling
+The two-stage design's diffusion model is in stage2.py; loading a trained run is in sample.py
+(load_run).
 
 The paper's variants are settings of one config (see configs/):
   Prefix Mamba       block=mamba, cond=prefix     SSM mixer only, text as a prefix
   Prefix SiMBA       block=simba, cond=prefix     SSM mixer + MLP
   Cross SiMBA        block=simba, cond=cross      SSM mixer + cross-attention to the text + MLP
-  Transformer        block=transformer            self-attention [+ cross-attention] + MLP (cond=cross: MusicGen)
+  Transformer        block=transformer            self-attention [+ cross-attention] + MLP
+                                                  (cond=cross: MusicGen)
   hybrids            attn_layers=(i, j, ...)      those layers use self-attention instead of the SSM
 
 Music is K parallel codebook streams laid out with MusicGen's delay pattern (codebook k is shifted
 right by k+1 steps); the model predicts the K tokens of the next position at once.
 """
-import json
 import math
-import os
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -30,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configurator import run_config_file
-from scan import causal_conv_step, conv_ring_state, selective_scan, selective_state_update, ssd_scan, ssd_step
+from scan import (causal_conv_step, conv_ring_state, selective_scan, selective_state_update,
+                  ssd_scan, ssd_step)
 
 
 @dataclass
@@ -41,36 +43,40 @@ class ModelConfig:
     attn_layers: tuple = ()     # indices of layers that use self-attention instead of the SSM
     n_layer: int = 24
     d_model: int = 1024
-    d_state: int = 128          # N, the SSM state size per channel
+    d_state: int = 512          # N, the SSM state size per channel
     d_conv: int = 4             # width of the causal depthwise convolution
     expand: int = 2             # SSM inner width = expand * d_model
     headdim: int = 64           # Mamba-2 head size (one A and dt per head)
     n_head: int = 16            # attention heads
     mlp_ratio: float = 2.0      # MLP hidden width = mlp_ratio * d_model
-    dropout: float = 0.0        # on every residual branch
+    dropout: float = 0.3        # on every residual branch
     n_codebooks: int = 4        # K
     codebook_size: int = 1024   # V; token V is the special (empty) token of the delay pattern
     text_dim: int = 384         # width of the stored text embeddings (384 MiniLM, 768 FLAN-T5-base)
-    max_text_len: int = 64      # most text tokens per caption (train.py: the data's; the FLOPs estimate assumes all)
+    max_text_len: int = 64      # most text tokens per caption (train.py: the data's;
+                                # the FLOPs estimate assumes all)
 
     def __post_init__(self):
         choices = {"block": ("mamba", "simba", "transformer"), "cond": ("prefix", "cross"),
                    "mixer": ("mamba1", "mamba2")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                raise ValueError(f"ModelConfig.{key}={getattr(self, key)!r}: expected one of {allowed}")
+                raise ValueError(f"ModelConfig.{key}={getattr(self, key)!r}: "
+                                 f"expected one of {allowed}")
         self.attn_layers = tuple(self.attn_layers)
         if any(not 0 <= i < self.n_layer for i in self.attn_layers):
-            raise ValueError(f"ModelConfig.attn_layers={self.attn_layers}: indices must be in [0, n_layer={self.n_layer})")
+            raise ValueError(f"ModelConfig.attn_layers={self.attn_layers}: "
+                             f"indices must be in [0, n_layer={self.n_layer})")
         if self.d_model % self.n_head:
             raise ValueError(f"ModelConfig.n_head={self.n_head} must divide d_model={self.d_model}")
         if self.mixer == "mamba2" and (self.expand * self.d_model) % self.headdim:
-            raise ValueError(f"ModelConfig.headdim={self.headdim} must divide expand * d_model={self.expand * self.d_model}")
+            raise ValueError(f"ModelConfig.headdim={self.headdim} must divide "
+                             f"expand * d_model={self.expand * self.d_model}")
 
 
 def read_config(*paths, **overrides):
-    """A ModelConfig from config files (read as train.py reads them, later files win) and keyword overrides.
-    Keys that are not model keys (out_dir, training settings) are left to train.py."""
+    """A ModelConfig from config files (read as train.py reads them, later files win) and keyword
+    overrides. Keys that are not model keys (out_dir, training settings) are left to train.py."""
     values = asdict(ModelConfig())
     for path in paths:
         values.update(run_config_file(path, values, "model.read_config"))
@@ -80,7 +86,8 @@ def read_config(*paths, **overrides):
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight; with a gate z (Mamba-2): the gate is applied first, norm(x * silu(z))."""
+    """x / rms(x) * weight; with a gate z (Mamba-2): the gate is applied first,
+    norm(x * silu(z))."""
 
     def __init__(self, dim, eps=1e-5):
         super().__init__()
@@ -90,14 +97,16 @@ class RMSNorm(nn.Module):
     def forward(self, x, z=None):
         if z is not None:
             x = x * F.silu(z)
-        out = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)  # in float32: one kernel
+        # in float32: one kernel
+        out = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
         return out.to(torch.promote_types(x.dtype, self.weight.dtype))
 
 
 def sinusoids(start, length, dim, device):
     """Sinusoidal positions start .. start+length-1 -> (length, dim); defined for any position."""
     pos = torch.arange(start, start + length, device=device, dtype=torch.float32)[:, None]
-    freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+    freq = torch.exp(-math.log(10000.0)
+                     * torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
     pe = torch.zeros(length, dim, device=device)
     pe[:, 0::2] = torch.sin(pos * freq)
     pe[:, 1::2] = torch.cos(pos * freq[: dim // 2])
@@ -105,7 +114,7 @@ def sinusoids(start, length, dim, device):
 
 
 def delay(codes, special):
-    """MusicGen's delay pattern: codes (..., K, T) -> (..., K, T+K) with out[k, t+k+1] = codes[k, t].
+    """MusicGen's delay pattern: codes (..., K, T) -> (..., K, T+K), out[k, t+k+1] = codes[k, t].
 
     Every other entry is `special`; in particular position 0 is all special, the start token.
     """
@@ -124,37 +133,42 @@ def undelay(seq, special):
 
 
 def _inverse_softplus_dt(n, dt_min=1e-3, dt_max=1e-1, floor=1e-4):
-    """mamba_ssm's dt init: dt log-uniform in [dt_min, dt_max], returned as the bias b with softplus(b) = dt."""
-    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    """mamba_ssm's dt init: dt log-uniform in [dt_min, dt_max], returned as the bias b with
+    softplus(b) = dt."""
+    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min))
+                   + math.log(dt_min)).clamp(min=floor)
     return dt + torch.log(-torch.expm1(-dt))
 
 
 # -----------------------------------------------------------------------------
-# mixers: (B, L, d_model) -> (B, L, d_model). With a cache (a dict), a mixer starts from the state in it
-# (an empty dict: from the beginning) and leaves its state there, so generation can go one step at a time.
+# mixers: (B, L, d_model) -> (B, L, d_model). With a cache (a dict), a mixer starts from the state
+# in it (an empty dict: from the beginning) and leaves its state there, so generation can go one
+# step at a time.
 
 
 class Mamba1(nn.Module):
     """Mamba-1 (Gu & Dao 2023): per-channel A (d_inner, N) and dt from a low-rank projection."""
 
-    def __init__(self, cfg):
+    def __init__(self, config):
         super().__init__()
-        d_in, N = cfg.expand * cfg.d_model, cfg.d_state
-        self.d_in, self.N, self.d_conv = d_in, N, cfg.d_conv
-        self.dt_rank = math.ceil(cfg.d_model / 16)
-        self.in_proj = nn.Linear(cfg.d_model, 2 * d_in, bias=False)  # -> x, z
-        self.conv1d = nn.Conv1d(d_in, d_in, cfg.d_conv, groups=d_in, padding=cfg.d_conv - 1)
+        d_in, N = config.expand * config.d_model, config.d_state
+        self.d_in, self.N, self.d_conv = d_in, N, config.d_conv
+        self.dt_rank = math.ceil(config.d_model / 16)
+        self.in_proj = nn.Linear(config.d_model, 2 * d_in, bias=False)  # -> x, z
+        self.conv1d = nn.Conv1d(d_in, d_in, config.d_conv, groups=d_in, padding=config.d_conv - 1)
         self.x_proj = nn.Linear(d_in, self.dt_rank + 2 * N, bias=False)  # -> dt (low rank), B, C
         self.dt_proj = nn.Linear(self.dt_rank, d_in)  # its bias is the scan's delta_bias
         self.A_log = nn.Parameter(torch.empty(d_in, N))
         self.D = nn.Parameter(torch.empty(d_in))
-        self.out_proj = nn.Linear(d_in, cfg.d_model, bias=False)
+        self.out_proj = nn.Linear(d_in, config.d_model, bias=False)
         self.reset_ssm_parameters()
 
     @torch.no_grad()
     def reset_ssm_parameters(self):
-        """mamba_ssm's init: A = -(1..N) per channel, D = 1, dt bias = softplus^-1 of a log-uniform dt."""
-        self.A_log.copy_(torch.log(torch.arange(1, self.N + 1, dtype=torch.float32)).repeat(self.d_in, 1))
+        """mamba_ssm's init: A = -(1..N) per channel, D = 1,
+        dt bias = softplus^-1 of a log-uniform dt."""
+        self.A_log.copy_(
+            torch.log(torch.arange(1, self.N + 1, dtype=torch.float32)).repeat(self.d_in, 1))
         self.D.fill_(1.0)
         nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
         self.dt_proj.bias.copy_(_inverse_softplus_dt(self.d_in))
@@ -162,72 +176,84 @@ class Mamba1(nn.Module):
     def forward(self, x, cache=None):  # x: (B, L, d_model)
         L = x.shape[1]
         u, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (B, d_in, L) each
-        if cache is not None and "ssm" in cache:  # continue from the cached state, one step at a time
+        # continue from the cached state, one step at a time
+        if cache is not None and "ssm" in cache:
             return torch.stack([self._step(u[:, :, t], z[:, :, t], cache) for t in range(L)], 1)
         A = -torch.exp(self.A_log.float())  # (d_in, N), fp32 even under autocast
         if cache is not None:
             cache["conv"] = conv_ring_state(u, self.d_conv)  # (B, d_in, d_conv)
         u = F.silu(self.conv1d(u)[..., :L])  # causal: drop the right padding
         dt, B, C = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.N, self.N], dim=-1)
-        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, d_in, L); bias added in the scan
+        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, d_in, L); scan adds the bias
         y = selective_scan(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z,
-                           self.dt_proj.bias.float(), delta_softplus=True, return_last_state=cache is not None)
+                           self.dt_proj.bias.float(), delta_softplus=True,
+                           return_last_state=cache is not None)
         if cache is not None:
             y, cache["ssm"] = y  # last state (B, d_in, N), fp32
-            cache["params"] = A, self.D.float(), self.dt_proj.bias.float()  # the same at every step: kept
+            # the same at every step: kept
+            cache["params"] = A, self.D.float(), self.dt_proj.bias.float()
         return self.out_proj(y.transpose(1, 2))
 
     def _step(self, u, z, cache):  # u, z: (B, d_in) -> (B, d_model)
         A, D, dt_bias = cache["params"]
-        u = F.silu(causal_conv_step(cache["conv"], u, self.conv1d.weight[:, 0], self.conv1d.bias, cache["pos"]))
+        u = F.silu(causal_conv_step(cache["conv"], u, self.conv1d.weight[:, 0], self.conv1d.bias,
+                                    cache["pos"]))
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.N, self.N], dim=-1)
-        y = selective_state_update(cache["ssm"], u, dt @ self.dt_proj.weight.t(), A, B, C, D, z, dt_bias,
-                                   dt_softplus=True)
+        y = selective_state_update(cache["ssm"], u, dt @ self.dt_proj.weight.t(), A, B, C, D, z,
+                                   dt_bias, dt_softplus=True)
         return self.out_proj(y)
 
 
 class Mamba2(nn.Module):
-    """Mamba-2 (Dao & Gu 2024): one scalar A and dt per head of `headdim` channels, B and C shared by all
-    heads (one group), a causal conv over x, B and C together, and a gated RMSNorm before out_proj.
-    Its scan is scan.ssd_scan (chunked matrix products: Triton kernels on CUDA, PyTorch elsewhere); a generation
-    step is scan.ssd_step (the conv and the state update: one kernel on CUDA)."""
+    """Mamba-2 (Dao & Gu 2024): one scalar A and dt per head of `headdim` channels, B and C shared
+    by all heads (one group), a causal conv over x, B and C together, and a gated RMSNorm before
+    out_proj. Its scan is scan.ssd_scan (chunked matrix products: Triton kernels on CUDA, PyTorch
+    elsewhere); a generation step is scan.ssd_step (the conv and the state update: one kernel on
+    CUDA)."""
 
-    def __init__(self, cfg):
+    def __init__(self, config):
         super().__init__()
-        d_in, N = cfg.expand * cfg.d_model, cfg.d_state
-        self.d_in, self.N, self.d_conv, self.headdim = d_in, N, cfg.d_conv, cfg.headdim
-        self.n_heads = d_in // cfg.headdim
+        d_in, N = config.expand * config.d_model, config.d_state
+        self.d_in, self.N, self.d_conv, self.headdim = d_in, N, config.d_conv, config.headdim
+        self.n_heads = d_in // config.headdim
         conv_dim = d_in + 2 * N
-        self.in_proj = nn.Linear(cfg.d_model, d_in + conv_dim + self.n_heads, bias=False)  # -> z, (x, B, C), dt
-        self.conv1d = nn.Conv1d(conv_dim, conv_dim, cfg.d_conv, groups=conv_dim, padding=cfg.d_conv - 1)
+        # -> z, (x, B, C), dt
+        self.in_proj = nn.Linear(config.d_model, d_in + conv_dim + self.n_heads, bias=False)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, config.d_conv, groups=conv_dim,
+                                padding=config.d_conv - 1)
         self.A_log = nn.Parameter(torch.empty(self.n_heads))
         self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
         self.D = nn.Parameter(torch.empty(self.n_heads))
         self.norm = RMSNorm(d_in)
-        self.out_proj = nn.Linear(d_in, cfg.d_model, bias=False)
+        self.out_proj = nn.Linear(d_in, config.d_model, bias=False)
         self.reset_ssm_parameters()
 
     @torch.no_grad()
     def reset_ssm_parameters(self):
-        """mamba_ssm's init: A = -uniform(1, 16) per head, D = 1, dt bias = softplus^-1 of a log-uniform dt."""
+        """mamba_ssm's init: A = -uniform(1, 16) per head, D = 1,
+        dt bias = softplus^-1 of a log-uniform dt."""
         self.A_log.copy_(torch.log(torch.empty(self.n_heads).uniform_(1, 16)))
         self.D.fill_(1.0)
         self.dt_bias.copy_(_inverse_softplus_dt(self.n_heads))
 
     def forward(self, x, cache=None):  # x: (B, L, d_model)
         L = x.shape[1]
-        z, xBC, dt = self.in_proj(x).split([self.d_in, self.d_in + 2 * self.N, self.n_heads], dim=-1)
-        if cache is not None and "ssm" in cache:  # continue from the cached state, one step at a time
+        z, xBC, dt = self.in_proj(x).split(
+            [self.d_in, self.d_in + 2 * self.N, self.n_heads], dim=-1)
+        # continue from the cached state, one step at a time
+        if cache is not None and "ssm" in cache:
             y = [self._step(xBC[:, t], dt[:, t], cache) for t in range(L)]
-            y = y[0][:, None] if L == 1 else torch.stack(y, 1)  # (B, L, d_in); one position: no copy
+            y = y[0][:, None] if L == 1 else torch.stack(y, 1)  # (B, L, d_in); L == 1: no copy
         else:
             xBC = xBC.transpose(1, 2)  # (B, d_in + 2N, L)
             if cache is not None:
                 cache["conv"] = conv_ring_state(xBC, self.d_conv)
-            u, B, C = F.silu(self.conv1d(xBC)[..., :L]).transpose(1, 2).split([self.d_in, self.N, self.N], dim=-1)
+            u, B, C = F.silu(self.conv1d(xBC)[..., :L]).transpose(1, 2).split(
+                [self.d_in, self.N, self.N], dim=-1)
             A = -torch.exp(self.A_log.float())  # (heads,); u (B, L, d_in), B and C (B, L, N)
-            y = ssd_scan(u.unflatten(-1, (self.n_heads, self.headdim)), dt, A, B, C, self.D.float(), None,
-                         self.dt_bias.float(), dt_softplus=True, return_last_state=cache is not None)
+            y = ssd_scan(u.unflatten(-1, (self.n_heads, self.headdim)), dt, A, B, C, self.D.float(),
+                         None, self.dt_bias.float(), dt_softplus=True,
+                         return_last_state=cache is not None)
             if cache is not None:
                 y, cache["ssm"] = y  # last state (B, heads, headdim, N), fp32
                 cache["A"] = A  # the same at every step: kept
@@ -235,31 +261,34 @@ class Mamba2(nn.Module):
         return self.out_proj(self.norm(y, z))
 
     def _step(self, xBC, dt, cache):  # xBC: (B, d_in + 2N), dt: (B, heads) -> (B, d_in)
-        return ssd_step(cache["ssm"], cache["conv"], xBC, dt, self.conv1d.weight[:, 0], self.conv1d.bias,
-                        cache["A"], self.D, self.dt_bias, cache["pos"])
+        return ssd_step(cache["ssm"], cache["conv"], xBC, dt, self.conv1d.weight[:, 0],
+                        self.conv1d.bias, cache["A"], self.D, self.dt_bias, cache["pos"])
 
 
 class SelfAttention(nn.Module):
-    """Causal multi-head self-attention. With a cache: the first call (a prefix, or the first position) sets up
-    key and value buffers for cache["size"] positions; each later call adds one position at cache["n"], a
-    device tensor, and attends to the positions before it through a mask, so the shapes never change."""
+    """Causal multi-head self-attention. With a cache: the first call (a prefix, or the first
+    position) sets up key and value buffers for cache["size"] positions; each later call adds one
+    position at cache["n"], a device tensor, and attends to the positions before it through a mask,
+    so the shapes never change."""
 
-    def __init__(self, cfg):
+    def __init__(self, config):
         super().__init__()
-        self.n_head = cfg.n_head
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.n_head = config.n_head
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.out_proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
     def forward(self, x, cache=None):  # x: (B, L, d)
         Bsz, L, d = x.shape
-        q, k, v = (t.view(Bsz, L, self.n_head, -1).transpose(1, 2) for t in self.qkv(x).split(d, dim=-1))
+        q, k, v = (t.view(Bsz, L, self.n_head, -1).transpose(1, 2)
+                   for t in self.qkv(x).split(d, dim=-1))
         if cache is not None and "k" in cache:  # one more position
             if L > 1:
                 raise ValueError("SelfAttention: with a filled cache, feed one position at a time")
             n = cache["n"]
             cache["k"].index_copy_(2, n.view(1), k)
             cache["v"].index_copy_(2, n.view(1), v)
-            y = F.scaled_dot_product_attention(q, cache["k"], cache["v"], attn_mask=cache["slots"] <= n)
+            y = F.scaled_dot_product_attention(q, cache["k"], cache["v"],
+                                               attn_mask=cache["slots"] <= n)
             n += 1
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1)  # (B, H, L, hd)
@@ -268,24 +297,27 @@ class SelfAttention(nn.Module):
                     cache[name] = t.new_zeros(*t.shape[:2], cache["size"], t.shape[3])
                     cache[name][:, :, :L] = t
                 cache["n"] = torch.tensor(L, device=x.device)
-                cache["slots"] = torch.arange(cache["size"], device=x.device)[None]  # (1, size): a mask row
+                # (1, size): a mask row
+                cache["slots"] = torch.arange(cache["size"], device=x.device)[None]
         return self.out_proj(y.transpose(1, 2).reshape(Bsz, L, d))
 
 
 class CrossAttention(nn.Module):
-    """Attention from the music to the text. memory: (B, M, d); memory_mask: (B, M), True where a token is real."""
+    """Attention from the music to the text. memory: (B, M, d); memory_mask: (B, M), True where a
+    token is real."""
 
-    def __init__(self, cfg):
+    def __init__(self, config):
         super().__init__()
-        self.n_head = cfg.n_head
-        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
-        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.n_head = config.n_head
+        self.q = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.kv = nn.Linear(config.d_model, 2 * config.d_model, bias=False)
+        self.out_proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
     def forward(self, x, memory, memory_mask, cache=None):  # x: (B, L, d)
         Bsz, L, d = x.shape
         q = self.q(x).view(Bsz, L, self.n_head, -1).transpose(1, 2)  # (B, H, L, hd)
-        if cache is not None and "k" in cache:  # the text does not change during generation: project it once
+        # the text does not change during generation: project it once
+        if cache is not None and "k" in cache:
             k, v = cache["k"], cache["v"]
         else:
             k, v = (t.view(Bsz, -1, self.n_head, d // self.n_head).transpose(1, 2)
@@ -297,11 +329,11 @@ class CrossAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, config):
         super().__init__()
-        hidden = int(cfg.mlp_ratio * cfg.d_model)
-        self.fc = nn.Linear(cfg.d_model, hidden)
-        self.out_proj = nn.Linear(hidden, cfg.d_model)
+        hidden = int(config.mlp_ratio * config.d_model)
+        self.fc = nn.Linear(config.d_model, hidden)
+        self.out_proj = nn.Linear(hidden, config.d_model)
 
     def forward(self, x):
         return self.out_proj(F.gelu(self.fc(x)))
@@ -312,22 +344,25 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x += mixer(norm(x)); [x += cross(norm(x), text)]; [x += mlp(norm(x))].
+    """Pre-norm residual block:
+    x += mixer(norm(x)); [x += cross(norm(x), text)]; [x += mlp(norm(x))].
 
     mamba: SSM mixer only. simba: SSM mixer + MLP. transformer: self-attention + MLP.
-    cond=cross adds cross-attention to the text after the mixer (Cross-SiMBA, MusicGen's Transformer).
+    cond=cross adds cross-attention to the text after the mixer (Cross-SiMBA, MusicGen's
+    Transformer).
     """
 
-    def __init__(self, cfg, index):
+    def __init__(self, config, index):
         super().__init__()
-        use_attention = cfg.block == "transformer" or index in cfg.attn_layers
-        self.norm1 = RMSNorm(cfg.d_model)
-        self.mixer = SelfAttention(cfg) if use_attention else {"mamba1": Mamba1, "mamba2": Mamba2}[cfg.mixer](cfg)
-        self.cross = CrossAttention(cfg) if cfg.cond == "cross" else None
-        self.norm2 = RMSNorm(cfg.d_model) if self.cross else None
-        self.mlp = MLP(cfg) if cfg.block != "mamba" else None
-        self.norm3 = RMSNorm(cfg.d_model) if self.mlp else None
-        self.drop = nn.Dropout(cfg.dropout)
+        use_attention = config.block == "transformer" or index in config.attn_layers
+        self.norm1 = RMSNorm(config.d_model)
+        self.mixer = (SelfAttention(config) if use_attention
+                      else {"mamba1": Mamba1, "mamba2": Mamba2}[config.mixer](config))
+        self.cross = CrossAttention(config) if config.cond == "cross" else None
+        self.norm2 = RMSNorm(config.d_model) if self.cross else None
+        self.mlp = MLP(config) if config.block != "mamba" else None
+        self.norm3 = RMSNorm(config.d_model) if self.mlp else None
+        self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x, memory=None, memory_mask=None, cache=None):  # x: (B, L, d)
         cache = cache if cache is not None else {"mixer": None, "cross": None}
@@ -353,29 +388,34 @@ class MusicLM(nn.Module):
         positions whose target is not the special token.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, config):
         super().__init__()
-        self.config = cfg
-        d, V = cfg.d_model, cfg.codebook_size
-        self.embed = nn.ModuleList(nn.Embedding(V + 1, d) for _ in range(cfg.n_codebooks))  # +1: the special token
-        self.text_proj = nn.Linear(cfg.text_dim, d)  # the paper: frozen text states -> Linear -> LayerNorm
+        self.config = config
+        d, V = config.d_model, config.codebook_size
+        # +1: the special token
+        self.embed = nn.ModuleList(nn.Embedding(V + 1, d) for _ in range(config.n_codebooks))
+        # the paper: frozen text states -> Linear -> LayerNorm
+        self.text_proj = nn.Linear(config.text_dim, d)
         self.text_norm = nn.LayerNorm(d)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = RMSNorm(d)
-        self.heads = nn.ModuleList(nn.Linear(d, V, bias=False) for _ in range(cfg.n_codebooks))
+        self.heads = nn.ModuleList(nn.Linear(d, V, bias=False) for _ in range(config.n_codebooks))
         self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2: scale each residual branch's output projection
+        # GPT-2: scale each residual branch's output projection
+        for name, p in self.named_parameters():
             if name.endswith("out_proj.weight"):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod
     def _init_weights(m):
-        """N(0, 0.02) for Linear weights, zero biases; N(0, 1) for the token embeddings; then the SSM's own init
-        (apply visits children first, so a mixer's reset runs after its Linear layers were set here).
+        """N(0, 0.02) for Linear weights, zero biases; N(0, 1) for the token embeddings; then the
+        SSM's own init (apply visits children first, so a mixer's reset runs after its Linear
+        layers were set here).
 
-        The embeddings are at the scale of the unit-amplitude sinusoids added to them (and of the normalized
-        text prefix), as PyTorch's default and the official code leave them: at GPT-2's 0.02, a token's identity
-        entered the first block at 1/50 of its position, and every variant ended ~0.75 nats higher (README)."""
+        The embeddings are at the scale of the unit-amplitude sinusoids added to them (and of the
+        normalized text prefix), as PyTorch's default and the official code leave them: at GPT-2's
+        0.02, a token's identity entered the first block at 1/50 of its position, and every variant
+        ended ~0.75 nats higher (README)."""
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.02)
             if m.bias is not None:
@@ -391,17 +431,21 @@ class MusicLM(nn.Module):
     # --- inputs -> residual stream
 
     def _embed_text(self, text, text_mask):
-        """-> prefix (B, Tt, d) or None, memory (B, 1+Tt, d) or None, memory_mask, position of the first music token.
+        """-> prefix (B, Tt, d) or None, memory (B, 1+Tt, d) or None, memory_mask, position of the
+        first music token.
 
-        Prefix: the projected text with sinusoidal positions 0..Tt-1, padded positions zeroed, so every
-        prefix has the length of the stored text. Cross: the same states as memory, behind one always-visible
-        zero token, so a caption with no tokens (dropped for classifier-free guidance) attends to nothing
-        instead of to an empty set.
+        Prefix: the projected text with sinusoidal positions 0..Tt-1, padded positions zeroed, so
+        every prefix has the length of the stored text. Cross: the same states as memory, behind
+        one always-visible zero token, so a caption with no tokens (dropped for classifier-free
+        guidance) attends to nothing instead of to an empty set.
         """
         if text.dim() != 3 or text.shape[-1] != self.config.text_dim:
-            raise ValueError(f"text: expected shape (batch, tokens, text_dim={self.config.text_dim}), got {tuple(text.shape)}")
+            raise ValueError(
+                f"text: expected shape (batch, tokens, text_dim={self.config.text_dim}), "
+                f"got {tuple(text.shape)}")
         if text_mask.shape != text.shape[:2]:
-            raise ValueError(f"text_mask: expected shape {tuple(text.shape[:2])}, got {tuple(text_mask.shape)}")
+            raise ValueError(f"text_mask: expected shape {tuple(text.shape[:2])}, "
+                             f"got {tuple(text_mask.shape)}")
         Bsz, Tt, _ = text.shape
         t = self.text_norm(self.text_proj(text.to(self.text_proj.weight.dtype)))
         t = t + sinusoids(0, Tt, t.shape[-1], t.device).to(t.dtype)
@@ -412,7 +456,8 @@ class MusicLM(nn.Module):
         return None, memory, torch.cat([mask.new_ones(Bsz, 1), mask], dim=1), 0
 
     def _embed_codes(self, codes, positions):
-        """codes (B, K, S) -> sum of the K embeddings + positions (S, d), their sinusoids -> (B, S, d).
+        """codes (B, K, S) -> sum of the K embeddings + positions (S, d), their sinusoids
+        -> (B, S, d).
 
         The official code adds positions to the SSM models too; an SSM knows order without them."""
         x = sum(emb(codes[:, k]) for k, emb in enumerate(self.embed))
@@ -421,7 +466,8 @@ class MusicLM(nn.Module):
     def forward(self, codes, text, text_mask, targets=None, label_smoothing=0.0):
         S = codes.shape[-1]
         prefix, memory, memory_mask, start = self._embed_text(text, text_mask)
-        x = self._embed_codes(codes, sinusoids(start, S, self.config.d_model, codes.device))  # (B, S, d)
+        x = self._embed_codes(codes,
+                              sinusoids(start, S, self.config.d_model, codes.device))  # (B, S, d)
         if prefix is not None:
             x = torch.cat([prefix, x], dim=1)  # (B, Tt + S, d)
         for layer in self.layers:
@@ -437,15 +483,17 @@ class MusicLM(nn.Module):
 
     @torch.no_grad()
     def prefill(self, text, text_mask, steps):
-        """Start generating up to `steps` positions: the decoding state, with the text prefix (prefix models) run
-        through it, for `step` to continue. Every tensor in it keeps its shape and place from here on (the
-        position is a device tensor; attention layers get buffers for every position to come), so that a step
-        can be captured in a CUDA graph and replayed."""
+        """Start generating up to `steps` positions: the decoding state, with the text prefix
+        (prefix models) run through it, for `step` to continue. Every tensor in it keeps its shape
+        and place from here on (the position is a device tensor; attention layers get buffers for
+        every position to come), so that a step can be captured in a CUDA graph and replayed."""
         prefix, memory, memory_mask, start = self._embed_text(text, text_mask)
         pos = torch.tensor(start, device=text.device)  # of the next position
-        cache = {"pos": pos, "positions": sinusoids(0, start + steps, self.config.d_model, text.device),
+        cache = {"pos": pos,
+                 "positions": sinusoids(0, start + steps, self.config.d_model, text.device),
                  "memory": memory, "memory_mask": memory_mask,
-                 "layers": [{"mixer": {"pos": pos, "size": start + steps}, "cross": {}} for _ in self.layers]}
+                 "layers": [{"mixer": {"pos": pos, "size": start + steps}, "cross": {}}
+                            for _ in self.layers]}
         if prefix is not None and prefix.shape[1] > 0:
             x = prefix
             for layer, c in zip(self.layers, cache["layers"]):
@@ -454,8 +502,10 @@ class MusicLM(nn.Module):
 
     @torch.no_grad()
     def step(self, tokens, cache):
-        """One position: tokens (B, K) -> logits (B, K, V) for the next position; updates the cache in place."""
-        x = self._embed_codes(tokens[:, :, None], cache["positions"].index_select(0, cache["pos"].view(1)))
+        """One position: tokens (B, K) -> logits (B, K, V) for the next position; updates the
+        cache in place."""
+        x = self._embed_codes(tokens[:, :, None],
+                              cache["positions"].index_select(0, cache["pos"].view(1)))
         for layer, c in zip(self.layers, cache["layers"]):
             x = layer(x, cache["memory"], cache["memory_mask"], c)
         cache["pos"] += 1
@@ -463,41 +513,46 @@ class MusicLM(nn.Module):
         return torch.stack([head(x) for head in self.heads], dim=1)
 
     @torch.no_grad()
-    def generate(self, text, text_mask, steps, cfg=3.0, temperature=1.0, top_k=250, top_p=0.0, generator=None,
-                 progress=None, cuda_graph=True):
+    def generate(self, text, text_mask, steps, cfg_scale=3.0, temperature=1.0, top_k=250, top_p=0.0,
+                 generator=None, progress=None, cuda_graph=True):
         """Sample `steps` frames of K codebooks for each caption -> codes (B, K, steps).
 
-        Classifier-free guidance: the conditional rows and unconditional rows (the caption dropped) run as one
-        batch, logits = uncond + cfg * (cond - uncond); cfg=1 runs the conditional rows alone. Each step costs the
-        same for SSM layers (a fixed-size state), so generation can run past the training length. On CUDA (unless
-        cuda_graph=False) the step and the guidance are captured in a CUDA graph after the first step and
-        replayed; sampling runs outside it. `progress`: an optional callable wrapping the step range (e.g. tqdm).
+        Classifier-free guidance: the conditional rows and unconditional rows (the caption dropped)
+        run as one batch, logits = uncond + cfg_scale * (cond - uncond); cfg_scale=1 runs the
+        conditional rows alone. Each step costs the same for SSM layers (a fixed-size state), so
+        generation can run past the training length. On CUDA (unless cuda_graph=False) the step and
+        the guidance are captured in a CUDA graph after the first step and replayed; sampling runs
+        outside it. `progress`: an optional callable wrapping the step range (e.g. tqdm).
         """
         was_training = self.training
         self.eval()
         K, V = self.config.n_codebooks, self.config.codebook_size
         Bsz = text.shape[0]
-        if cfg != 1.0:
+        if cfg_scale != 1.0:
             text = torch.cat([text, torch.zeros_like(text)])
             text_mask = torch.cat([text_mask, torch.zeros_like(text_mask)])
         cache = self.prefill(text, text_mask, steps + K)
-        seq = torch.full((Bsz, K, steps + K), V, dtype=torch.long, device=text.device)  # delayed; position 0: start
+        # delayed; position 0: start
+        seq = torch.full((Bsz, K, steps + K), V, dtype=torch.long, device=text.device)
 
         def guided(tokens):  # (Bsz, K) -> the guided logits for the next position (Bsz, K, V)
-            logits = self.step(torch.cat([tokens, tokens]) if cfg != 1.0 else tokens, cache).float()
-            if cfg != 1.0:
+            logits = self.step(torch.cat([tokens, tokens]) if cfg_scale != 1.0 else tokens,
+                               cache).float()
+            if cfg_scale != 1.0:
                 cond, uncond = logits.chunk(2)
-                logits = uncond + cfg * (cond - uncond)
+                logits = uncond + cfg_scale * (cond - uncond)
             return logits
 
         decode = guided
         k = torch.arange(K, device=text.device)
         positions = range(1, steps + K)
         for p in progress(positions) if progress else positions:
-            if p == 2 and cuda_graph and text.is_cuda:  # after one eager step (kernels compiled, buffers made)
+            # after one eager step (kernels compiled, buffers made)
+            if p == 2 and cuda_graph and text.is_cuda:
                 decode = cuda_graph_of(guided, seq[:, :, 0])
-            sampled = sample_logits(decode(seq[:, :, p - 1]), temperature, top_k, top_p, generator)  # (B, K)
-            inside = (p - k - 1 >= 0) & (p - k - 1 < steps)  # which codebooks have a real token at p
+            sampled = sample_logits(decode(seq[:, :, p - 1]), temperature, top_k, top_p,
+                                    generator)  # (B, K)
+            inside = (p - k - 1 >= 0) & (p - k - 1 < steps)  # codebooks with a real token at p
             seq[:, :, p] = torch.where(inside, sampled, V)
         self.train(was_training)
         return undelay(seq, V)
@@ -505,14 +560,16 @@ class MusicLM(nn.Module):
     # --- FLOPs
 
     def estimate_flops_per_token(self, seq_len, breakdown=False):
-        """Training FLOPs (forward + backward) per music position, for sequences of seq_len music positions
-        (plus max_text_len text tokens).
+        """Training FLOPs (forward + backward) per music position, for sequences of seq_len music
+        positions (plus max_text_len text tokens).
 
         matmul: 6 x (weights of every Linear/Conv1d x the positions it is applied to), the 6N rule.
-        attention: 12 x d_model x (query positions x key positions) per attention layer (QK^T and AV, x3 for the
-                   backward; the causal half is counted, as kernels that do not skip it compute it).
-        scan: ~9 FLOPs per (position, channel, state) forward (exp, two multiply-adds for the state, one for the
-              output, ...), x3 for the backward. It is elementwise work, which FlopCounterMode does not count.
+        attention: 12 x d_model x (query positions x key positions) per attention layer (QK^T and
+                   AV, x3 for the backward; the causal half is counted, as kernels that do not
+                   skip it compute it).
+        scan: ~9 FLOPs per (position, channel, state) forward (exp, two multiply-adds for the
+              state, one for the output, ...), x3 for the backward. It is elementwise work, which
+              FlopCounterMode does not count.
         """
         c = self.config
         Tt, S = c.max_text_len, seq_len
@@ -520,7 +577,8 @@ class MusicLM(nn.Module):
         M = Tt + 1  # cross-attention memory: the text and its null token
 
         def weights(module):
-            return sum(m.weight.numel() for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv1d)))
+            return sum(m.weight.numel() for m in module.modules()
+                       if isinstance(m, (nn.Linear, nn.Conv1d)))
 
         mm = Tt * weights(self.text_proj) + S * sum(weights(h) for h in self.heads)
         attn = scan = 0
@@ -531,28 +589,18 @@ class MusicLM(nn.Module):
             else:
                 scan += 9 * P * layer.mixer.d_in * layer.mixer.N
             if layer.cross:
-                mm += S * (weights(layer.cross.q) + weights(layer.cross.out_proj)) + M * weights(layer.cross.kv)
+                mm += (S * (weights(layer.cross.q) + weights(layer.cross.out_proj))
+                       + M * weights(layer.cross.kv))
                 attn += 2 * 2 * S * M * c.d_model
         flops = {"matmul": 6 * mm / S, "attention": 3 * attn / S, "scan": 3 * scan / S}
         return flops if breakdown else sum(flops.values())
 
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12,
-              "RTX 3090": 71e12}  # dense bf16 tensor-core peaks by GPU name, for MFU
-
-
-def peak_flops():
-    """The bf16 peak of this process's CUDA device, or None (a CPU, or a GPU not in PEAK_FLOPS)."""
-    if not torch.cuda.is_available():
-        return None
-    return next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
-
-
 def cuda_graph_of(fn, example):
-    """fn, a function of one CUDA tensor that runs no host code depending on its values, captured once in a CUDA
-    graph -> a function that copies its argument into the captured input, replays the graph and returns the
-    captured output (the same tensor every time: use it before the next call). Capturing records fn's kernels
-    without running them."""
+    """fn, a function of one CUDA tensor that runs no host code depending on its values, captured
+    once in a CUDA graph -> a function that copies its argument into the captured input, replays
+    the graph and returns the captured output (the same tensor every time: use it before the next
+    call). Capturing records fn's kernels without running them."""
     given = example.clone()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -569,15 +617,16 @@ def codebook_losses(logits, targets, label_smoothing=0.0):
     """Cross-entropy per codebook over positions whose target is a real token: logits (B, K, S, V),
     targets (B, K, S) with the special token V where there is nothing to predict -> (K,)."""
     V = logits.shape[-1]
-    ce = F.cross_entropy(logits.flatten(0, 2).float(), targets.flatten(), ignore_index=V, reduction="none",
-                         label_smoothing=label_smoothing).view(targets.shape)  # (B, K, S), 0 where ignored
+    # (B, K, S), 0 where ignored
+    ce = F.cross_entropy(logits.flatten(0, 2).float(), targets.flatten(), ignore_index=V,
+                         reduction="none", label_smoothing=label_smoothing).view(targets.shape)
     valid = (targets != V).float()
     return (ce * valid).sum((0, 2)) / valid.sum((0, 2)).clamp(min=1)
 
 
 def sample_logits(logits, temperature=1.0, top_k=0, top_p=0.0, generator=None):
-    """logits (..., V) -> token ids (...). temperature 0: argmax; top_k > 0 keeps the k best; 0 < top_p < 1
-    keeps the smallest set of tokens whose probability reaches top_p."""
+    """logits (..., V) -> token ids (...). temperature 0: argmax; top_k > 0 keeps the k best;
+    0 < top_p < 1 keeps the smallest set of tokens whose probability reaches top_p."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -591,191 +640,3 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=0.0, generator=None):
     probs = F.softmax(logits, dim=-1)
     ids = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
     return ids.view(probs.shape[:-1])
-
-
-# -----------------------------------------------------------------------------
-# stage 2 of the two-stage design: codebook-0 tokens -> the full codec latent, by diffusion
-
-
-@dataclass
-class Stage2Config:
-    codebook_size: int = 1024
-    n_codebooks: int = 8                # codebooks whose embeddings sum to the target latent (all stored ones)
-    latent_dim: int = 128               # EnCodec 24 kHz: 128 channels at 75 Hz
-    unet_channels: tuple = (64, 64, 128)  # diffusers UNet1D block widths
-    train_timesteps: int = 1000
-
-
-class Stage2Diffusion(nn.Module):
-    """A diffusers 1-D UNet that denoises the codec latent given the codebook-0 tokens at the same frame rate.
-
-    The tokens are embedded with the codec's own codebook 0, giving the coarse latent; what diffuses is the
-    residual the finer codebooks add to it, so the coarse part is always exact and the model learns only the rest.
-
-    Target: the latent the codec's quantizer decodes from all stored codebooks, sum_k codebook_k[codes_k], minus
-    the coarse latent; residual and condition are normalized per channel with statistics kept as buffers (so
-    they travel in the checkpoint); the codebooks are a frozen buffer too, to build targets and to quantize
-    generated latents back to tokens.
-    Objective: v-prediction (v = alpha_t * noise - sigma_t * x0), which stays well scaled at both ends of the
-    noise schedule and suits samplers with few steps. forward(codes) -> (None, loss), like the LM, so
-    train.py trains it unchanged.
-    """
-
-    def __init__(self, cfg):
-        super().__init__()
-        from diffusers import DDPMScheduler, UNet1DModel
-        self.config = cfg
-        K, V, D = cfg.n_codebooks, cfg.codebook_size, cfg.latent_dim
-        self.register_buffer("codebooks", torch.zeros(K, V, D))  # set from the codec by set_codec
-        self.register_buffer("mean", torch.zeros(D))  # of the residual
-        self.register_buffer("std", torch.ones(D))
-        self.register_buffer("cond_mean", torch.zeros(D))  # of the coarse latent
-        self.register_buffer("cond_std", torch.ones(D))
-        time_dim = 16  # Fourier features of the timestep, fed to the UNet as extra input channels
-        self.unet = UNet1DModel(in_channels=2 * D, out_channels=D, extra_in_channels=time_dim,
-                                time_embedding_dim=time_dim, block_out_channels=tuple(cfg.unet_channels),
-                                time_embedding_type="fourier", flip_sin_to_cos=True, use_timestep_embedding=False,
-                                norm_num_groups=8, layers_per_block=1)
-        self.multiple = 2 ** (len(cfg.unet_channels) + 1)  # the UNet halves the length this many times
-        # the UNet's first block halves the frame rate before anything else; frame-level detail (what each token
-        # adds) takes this full-rate path: a width-3 convolution over the same input, added to the UNet's output
-        self.frame_path = nn.Conv1d(2 * D, D, 3, padding=1)
-        self.noise = DDPMScheduler(num_train_timesteps=cfg.train_timesteps, prediction_type="v_prediction")
-
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())
-
-    @torch.no_grad()
-    def set_codec(self, codebooks, codes):
-        """codebooks (K, V, D) from the codec's quantizer; codes (K, frames): a sample of the data, for the
-        per-channel mean and std of its latent."""
-        self.codebooks.copy_(codebooks)
-        coarse = self.latent(codes[None, :1])[0]  # (D, frames)
-        residual = self.latent(codes[None])[0] - coarse
-        for mean, std, x in ((self.mean, self.std, residual), (self.cond_mean, self.cond_std, coarse)):
-            mean.copy_(x.mean(1))
-            std.copy_(x.std(1).clamp(min=1e-5))
-
-    def latent(self, codes):
-        """codes (B, K, T) -> the codec latent (B, D, T), unnormalized."""
-        return sum(self.codebooks[k][codes[:, k]] for k in range(codes.shape[1])).transpose(1, 2)
-
-    def denoise(self, x, t, cond):
-        """The UNet's v estimate for noisy normalized residuals x (B, D, T) at integer timesteps t (B,), given
-        cond (B, D, T), the normalized coarse latent."""
-        T = x.shape[-1]
-        pad = max(2 * self.multiple, -(-T // self.multiple) * self.multiple) - T  # a length the UNet can halve
-        h = torch.cat([x, cond], dim=1)  # (B, 2D, T)
-        return self.unet(F.pad(h, (0, pad)), t.float() / self.config.train_timesteps).sample[..., :T] + self.frame_path(h)
-
-    def forward(self, codes, generator=None):
-        """codes (B, K, T): all stored codebooks of a crop -> (None, diffusion loss)."""
-        coarse = self.latent(codes[:, :1])  # (B, D, T)
-        x0 = (self.latent(codes) - coarse - self.mean[:, None]) / self.std[:, None]  # the residual, normalized
-        cond = (coarse - self.cond_mean[:, None]) / self.cond_std[:, None]
-        B = x0.shape[0]
-        t = torch.randint(0, self.config.train_timesteps, (B,), generator=generator).to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-        xt = self.noise.add_noise(x0, noise, t)
-        v = self.noise.get_velocity(x0, noise, t)
-        return None, F.mse_loss(self.denoise(xt, t, cond), v)
-
-    @torch.no_grad()
-    def sample(self, tokens, steps=25, temperature=1.0, generator=None):
-        """Codebook-0 tokens (B, T) -> a latent (B, D, T) for any T, with DPM-Solver++ in `steps` steps.
-
-        temperature scales the starting noise (the solver is deterministic from there), as in Grad-TTS: 1 samples
-        the learned distribution; lower values trade detail for being right on average, 0 is the one path
-        from x_T = 0, close to the conditional mean."""
-        from diffusers import DPMSolverMultistepScheduler
-        solver = DPMSolverMultistepScheduler(num_train_timesteps=self.config.train_timesteps,
-                                             prediction_type="v_prediction", algorithm_type="dpmsolver++")
-        solver.set_timesteps(steps)
-        B, T = tokens.shape
-        coarse = self.latent(tokens[:, None])  # (B, D, T), the same at every step
-        cond = (coarse - self.cond_mean[:, None]) / self.cond_std[:, None]
-        x = temperature * torch.randn(B, self.config.latent_dim, T, generator=generator).to(tokens.device)
-        for t in solver.timesteps:
-            x = solver.step(self.denoise(x, t.expand(B).to(tokens.device), cond), t, x).prev_sample
-        return coarse + x * self.std[:, None] + self.mean[:, None]
-
-    @torch.no_grad()
-    def quantize(self, latent):
-        """A latent (B, D, T) -> codes (B, K, T) by residual quantization with the codec's codebooks."""
-        residual = latent.transpose(1, 2)  # (B, T, D)
-        codes = []
-        for book in self.codebooks:
-            idx = torch.cdist(residual, book[None].expand(residual.shape[0], -1, -1)).argmin(-1)  # (B, T)
-            residual = residual - book[idx]
-            codes.append(idx)
-        return torch.stack(codes, 1)
-
-
-def checkpoint_file(run, which="best"):
-    """Which checkpoint file a script reads. run: a train.py out_dir, or a checkpoint file (taken as it is).
-    which: "best" (run/best.pt, the lowest val loss, where the run has one; else the latest), "last" (run/ckpt.pt,
-    the latest) or a file's path. Raises ValueError with a one-line message where there is none."""
-    if os.path.isfile(run):
-        return run
-    if which not in ("best", "last"):
-        if not os.path.isfile(which):
-            raise ValueError(f"no checkpoint file {which} (expected last, best or a checkpoint file)")
-        return which
-    best, last = os.path.join(run, "best.pt"), os.path.join(run, "ckpt.pt")
-    path = best if which == "best" and os.path.isfile(best) else last
-    if not os.path.isfile(path) and os.path.isfile(os.path.join(run, "model.json")):
-        return os.path.join(run, "model.json")  # a folder that export_run wrote
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint at {path}")
-    return path
-
-
-def load_run(run_dir, kind=None, which="best", ema=True):
-    """A train.py run's model -> (model on the CPU, in eval mode, the checkpoint dict). which: the checkpoint
-    (checkpoint_file); ema=True takes the run's exponential moving average of the weights where it kept one.
-
-    The model is the LM, or the stage-2 diffusion model where the run had model_type = "stage2"; kind ("lm" or
-    "stage2") says which the caller needs. A missing or unreadable file, or the other kind of model, raises
-    ValueError with a one-line message for the calling script to print."""
-    path = checkpoint_file(run_dir, which)
-    try:
-        if path.endswith(".json"):  # an exported model: its settings in JSON, its weights beside them
-            from safetensors.torch import load_file
-            with open(path) as f:
-                ckpt = json.load(f)
-            weights = load_file(os.path.join(os.path.dirname(path), "model.safetensors"))
-        else:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            ckpt["weights"] = "ema" if ema and ckpt.get("ema") is not None else "raw"
-            weights = ckpt["ema"] if ckpt["weights"] == "ema" else ckpt["model"]
-        args = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_args"].items()}  # JSON has no tuples
-        ckpt["model_args"] = args
-        stage2 = ckpt["config"].get("model_type") == "stage2"
-        model = Stage2Diffusion(Stage2Config(**args)) if stage2 else MusicLM(ModelConfig(**args))
-        model.load_state_dict(weights)
-    except Exception as e:
-        raise ValueError(f"cannot read the checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
-    if kind is not None and kind != ("stage2" if stage2 else "lm"):
-        raise ValueError(f"{path} holds {'a stage-2 diffusion model' if stage2 else 'a language model'}")
-    ckpt["path"] = path
-    return model.eval(), ckpt
-
-
-def export_run(run_dir, folder, which="best", ema=True):
-    """A run's model as a folder anyone can share and load without our training state: folder/model.safetensors
-    (the weights: the EMA where the run kept one and ema=True) and folder/model.json (the model's settings, the
-    training config and the data's meta: which codec and text encoder it was trained with). load_run, and so
-    sample.py and evaluate.py, take the folder as they take a run. -> the folder."""
-    from safetensors.torch import save_file
-    model, ckpt = load_run(run_dir, None, which, ema)
-    info = dict(model_args=ckpt["model_args"], config=ckpt["config"], data_meta=ckpt["data_meta"],
-                iter_num=ckpt["iter_num"], best_val_loss=ckpt["best_val_loss"], exported_from=ckpt["path"],
-                weights=ckpt["weights"])
-    os.makedirs(folder, exist_ok=True)
-    weights, settings = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.json")
-    save_file(model.state_dict(), weights + ".tmp")
-    with open(settings + ".tmp", "w") as f:
-        json.dump(info, f, indent=1)
-    for path in (weights, settings):  # renamed once both are whole: a kill never leaves a half-written file
-        os.replace(path + ".tmp", path)
-    return folder

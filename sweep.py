@@ -1,20 +1,23 @@
 """The SSM-vs-Transformer comparison, rerun with one command:
 
-    python sweep.py                                # the five paper variants, tiny, on data/synth (CPU: hours)
+    python sweep.py  # the five paper variants, tiny, on data/synth (CPU: hours)
     python sweep.py --variants="('prefix_simba', 'prefix_transformer')" --seeds=5
 
-Every run is `train.py configs/<variant>.py configs/tiny.py --learning_rate=<lr> --seed=<s>`: the same data,
-steps, batch and schedule for every variant; only the variant, the learning rate and the seed change.
-1. Each variant trains at every rate of `learning_rates` (seed 0). Where its best final val loss sits at the
-   edge of the grid, the grid grows by one rate on that side (`lr_step` apart), up to `max_widen` times.
-2. Each variant's best rate trains again with seeds 1 .. seeds-1. Where one of them stops early (its loss diverged),
-   that rate is dropped and the next-best one gets the seeds instead.
-3. evaluate.py's offline section (val NLL, text gain, the text-adherence probe) on every run at a best rate.
-4. `evaluate.py --runs` on all runs: the seeds of a setting grouped, each variant at its best rate compared at
-   equal steps, FLOPs and wall-clock, in out_root/compare.md and out_root/compare.png.
+Every run is `train.py configs/<variant>.py configs/tiny.py --learning_rate=<lr> --seed=<s>`: the
+same data, steps, batch and schedule for every variant; only the variant, the learning rate and the
+seed change.
+1. Each variant trains at every rate of `learning_rates` (seed 0). Where its best final val loss
+   sits at the edge of the grid, the grid grows by one rate on that side (`lr_step` apart), up to
+   `max_widen` times.
+2. Each variant's best rate trains again with seeds 1 .. seeds-1. Where one of them stops early (its
+   loss diverged), that rate is dropped and the next-best one gets the seeds instead.
+3. evaluate.py's offline section (val NLL, text gain, the text-adherence probe) on every run at a
+   best rate.
+4. `evaluate.py --runs` on all runs: the seeds of a setting grouped, each variant at its best rate
+   compared at equal steps, FLOPs and wall-clock, in out_root/compare.md and out_root/compare.png.
 
-Runs land in out_root/<variant>-lr<lr>-s<seed>/. A finished run is skipped and an interrupted one resumed
-(train.py --init_from=resume), so the sweep can be stopped and started again at any time.
+Runs land in out_root/<variant>-lr<lr>-s<seed>/. A finished run is skipped and an interrupted one
+resumed (train.py --init_from=resume), so the sweep can be stopped and started again at any time.
 """
 import os
 import subprocess
@@ -28,16 +31,17 @@ from tqdm import tqdm
 
 from bench import commit, machine
 from configurator import configure
-from prepare import atomic_write
+from data import atomic_write
 
 # -----------------------------------------------------------------------------
-variants = ("prefix_simba", "prefix_mamba", "cross_simba", "prefix_transformer", "cross_transformer")
+variants = ("prefix_simba", "prefix_mamba", "cross_simba", "prefix_transformer",
+            "cross_transformer")
 learning_rates = (2e-3, 5e-3, 1.25e-2)  # the starting grid
 lr_step = 2.5  # the ratio between neighbouring rates when the grid grows
 max_widen = 2  # at most this many rates added per variant
 seeds = 3  # runs at each variant's best rate (seed 0 is the grid's run)
 out_root = "out-sweep"
-train_args = ("--eval_interval=50",)  # more train.py flags for every run, after the configs (finer val curves)
+train_args = ("--eval_interval=50",)  # train.py flags after every run's configs (finer val curves)
 eval_args = ()  # more evaluate.py flags for the offline section
 jobs = 1  # runs at once; the CPU threads are shared out among them
 # -----------------------------------------------------------------------------
@@ -81,9 +85,11 @@ def train(variant, lr, seed):
            f"--learning_rate={lr}", f"--seed={seed}", f"--out_dir={path}", *resume]
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "train.log"), "a") as log:
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env()).returncode
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                              env=subprocess_env()).returncode
     if code:
-        tqdm.write(f"sweep.py: {path} stopped with exit code {code} (last lines in {path}/train.log)")
+        tqdm.write(
+            f"sweep.py: {path} stopped with exit code {code} (last lines in {path}/train.log)")
     return path
 
 
@@ -97,8 +103,8 @@ def run_all(tasks, desc):
 
 
 def grids_of_rates():
-    """Step 1: train every variant over its grid (seed 0), growing the grid while the best rate is at its edge
-    -> {variant: [learning rates]}."""
+    """Step 1: train every variant over its grid (seed 0), growing the grid while the best rate is
+    at its edge -> {variant: [learning rates]}."""
     grids = {v: sorted(learning_rates) for v in variants}
     widened = dict.fromkeys(variants, 0)
     todo = [(v, lr) for v in variants for lr in grids[v]]
@@ -117,11 +123,14 @@ def grids_of_rates():
 
 
 def best_rate(v, grid, unstable):
-    """A variant's best rate: the lowest seed-0 final val loss among the rates where no seed stopped early (evaluate.py
-    --runs ranks settings the same way: by the seeds all of them share, a setting with a stopped run never best)."""
-    losses = [final_val_loss(run_dir(v, lr, 0)) if lr not in unstable else float("inf") for lr in grid]
+    """A variant's best rate: the lowest seed-0 final val loss among the rates where no seed stopped
+    early (evaluate.py --runs ranks settings the same way: by the seeds all of them share, a setting
+    with a stopped run never best)."""
+    losses = [final_val_loss(run_dir(v, lr, 0)) if lr not in unstable else float("inf")
+              for lr in grid]
     if min(losses) == float("inf"):
-        sys.exit(f"sweep.py: {v}: no learning rate of {grid} finished every seed; see the train.log files in {out_root}")
+        sys.exit(f"sweep.py: {v}: no learning rate of {grid} finished every seed; "
+                 f"see the train.log files in {out_root}")
     best = grid[losses.index(min(losses))]
     edge = " (at the edge of its grid)" if best in (grid[0], grid[-1]) else ""
     print(f"sweep.py: {v}: best learning rate {best:.3g}{edge}; final val loss by rate (seed 0): "
@@ -130,15 +139,19 @@ def best_rate(v, grid, unstable):
 
 
 def evaluate_offline(path):
-    """evaluate.py's offline section on a run, unless its eval_offline.json is newer than its checkpoint."""
+    """evaluate.py's offline section on a run, unless its eval_offline.json is newer than its
+    checkpoint."""
     result = os.path.join(path, "eval_offline.json")
-    if os.path.exists(result) and os.path.getmtime(result) > os.path.getmtime(os.path.join(path, "ckpt.pt")):
+    if (os.path.exists(result)
+            and os.path.getmtime(result) > os.path.getmtime(os.path.join(path, "ckpt.pt"))):
         return
     with open(os.path.join(path, "evaluate.log"), "w") as log:
-        code = subprocess.run([sys.executable, "evaluate.py", "--section=offline", f"--out_dir={path}", *eval_args],
+        code = subprocess.run([sys.executable, "evaluate.py", "--section=offline",
+                               f"--out_dir={path}", *eval_args],
                               stdout=log, stderr=subprocess.STDOUT, env=subprocess_env()).returncode
     if code:
-        tqdm.write(f"sweep.py: evaluating {path} failed with exit code {code} (see {path}/evaluate.log)")
+        tqdm.write(
+            f"sweep.py: evaluating {path} failed with exit code {code} (see {path}/evaluate.log)")
 
 
 def main(argv):
@@ -153,9 +166,11 @@ def main(argv):
         best = {v: best_rate(v, grids[v], unstable[v]) for v in variants}
         run_all([(train, v, best[v], s) for v in variants for s in range(1, seeds)], "sweep: seeds")
         runs = [run_dir(v, best[v], s) for v in variants for s in range(seeds)]
-        stopped = [(v, best[v]) for v in variants if not all(finished(run_dir(v, best[v], s)) for s in range(seeds))]
+        stopped = [(v, best[v]) for v in variants
+                   if not all(finished(run_dir(v, best[v], s)) for s in range(seeds))]
         for v, lr in stopped:
-            print(f"sweep.py: {v}: a seed at learning rate {lr:.3g} stopped early; trying the next-best rate")
+            print(f"sweep.py: {v}: a seed at learning rate {lr:.3g} stopped early; "
+                  "trying the next-best rate")
             unstable[v].add(lr)
         if not stopped:
             break
@@ -163,14 +178,19 @@ def main(argv):
     every_run = sorted(os.path.join(out_root, d) for d in os.listdir(out_root)
                        if os.path.exists(os.path.join(out_root, d, "ckpt.pt")))
     table = subprocess.run([sys.executable, "evaluate.py", "--runs", *every_run,
-                            f"--out={os.path.join(out_root, 'compare.png')}"], capture_output=True, text=True)
+                            f"--out={os.path.join(out_root, 'compare.png')}"],
+                           capture_output=True, text=True)
     if table.returncode:
         sys.exit(f"sweep.py: evaluate.py --runs failed: {table.stderr.strip().splitlines()[-1]}")
-    trained = sum(torch.load(os.path.join(r, "ckpt.pt"), weights_only=True)["train_seconds"] for r in every_run)
-    header = (f"sweep.py at commit {commit()} on {machine('cuda' if torch.cuda.is_available() else 'cpu')}, "
-              f"{jobs} run(s) at a time: {len(every_run)} runs, {trained / 3600:.2f} h of training in all; "
+    trained = sum(torch.load(os.path.join(r, "ckpt.pt"), weights_only=True)["train_seconds"]
+                  for r in every_run)
+    header = (f"sweep.py at commit {commit()} "
+              f"on {machine('cuda' if torch.cuda.is_available() else 'cpu')}, "
+              f"{jobs} run(s) at a time: {len(every_run)} runs, "
+              f"{trained / 3600:.2f} h of training in all; "
               f"this call took {(time.time() - started) / 3600:.2f} h.\n\n")
-    atomic_write(os.path.join(out_root, "compare.md"), lambda tmp: Path(tmp).write_text(header + table.stdout))
+    atomic_write(os.path.join(out_root, "compare.md"),
+                 lambda tmp: Path(tmp).write_text(header + table.stdout))
     print(header + table.stdout)
 
 

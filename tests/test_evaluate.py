@@ -1,8 +1,8 @@
-"""evaluate.py: the metric formulas against closed forms and scipy, audio loading, the audio section with stand-in
-evaluators (the pretrained ones cannot be downloaded here), the offline metrics and probe on tiny runs trained
-here, the comparison table and figure, and the stage-2 section."""
+"""evaluate.py: the metric formulas against closed forms and scipy, audio loading, the audio
+section with stand-in evaluators (the pretrained ones cannot be downloaded here), the offline
+metrics and probe on tiny runs trained here, the comparison table and figure, and the stage-2
+section."""
 import csv
-import importlib
 import json
 import shutil
 import subprocess
@@ -15,19 +15,20 @@ import soundfile as sf
 import torch
 
 import evaluate
+import sample
 from conftest import build_tiny_dataset, run_train
 from model import codebook_losses, delay
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_LM = ["configs/tiny.py", "--seq_len=48", "--batch_size=4", "--eval_iters=1", "--warmup_iters=2",
-           "--learning_rate=3e-3", "--max_iters=6", "--eval_interval=3", "--log_interval=1000"]
+TINY_LM = ["configs/tiny.py", "--seq_len=48", "--batch_size=4", "--eval_iters=1",
+           "--warmup_iters=2", "--learning_rate=3e-3", "--max_iters=6", "--eval_interval=3",
+           "--log_interval=1000"]
 
 
 @pytest.fixture(autouse=True)
-def fresh_evaluate(monkeypatch):
-    """evaluate.py keeps its settings as module globals (as train.py does): each test starts from the defaults."""
+def in_repo_root(monkeypatch):
+    """Each test runs in the repository root, where the scripts are run from."""
     monkeypatch.chdir(ROOT)
-    importlib.reload(evaluate)
 
 
 # -----------------------------------------------------------------------------
@@ -40,30 +41,34 @@ def random_stats(rng, d, n):
 
 
 def test_frechet_closed_form_and_scipy():
+    fd = evaluate.frechet_distance
     # diagonal covariances: FD = |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2
     a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 9.0])
     mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
     expected = 1 + 4 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert evaluate.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
+    assert fd(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
     # isotropic in 512-d: FD = d (s1 - s2)^2 for sigma = s^2 I
-    assert evaluate.frechet_distance(np.zeros(512), 4 * np.eye(512), np.zeros(512), np.eye(512)) == pytest.approx(512.0)
+    zero = np.zeros(512)
+    assert fd(zero, 4 * np.eye(512), zero, np.eye(512)) == pytest.approx(512.0)
     rng = np.random.default_rng(0)
     (m1, s1), (m2, s2) = random_stats(rng, 512, 2000), random_stats(rng, 512, 3000)
-    assert abs(evaluate.frechet_distance(m1, s1, m1, s1)) < 1e-8 * np.trace(s1)  # identical sets
-    fd = evaluate.frechet_distance(m1, s1, m2, s2)
-    assert fd == pytest.approx(evaluate.frechet_distance(m2, s2, m1, s1), rel=1e-9)  # symmetric
+    assert abs(fd(m1, s1, m1, s1)) < 1e-8 * np.trace(s1)  # identical sets
+    value = fd(m1, s1, m2, s2)
+    assert value == pytest.approx(fd(m2, s2, m1, s1), rel=1e-9)  # symmetric
     from scipy import linalg  # the formula as the usual FD code writes it
     covmean = linalg.sqrtm(s1 @ s2).real
     reference = ((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
-    assert fd == pytest.approx(reference, rel=1e-6)
-    assert fd > 0
+    assert value == pytest.approx(reference, rel=1e-6)
+    assert value > 0
 
 
 def test_kl_and_cosine_by_hand():
     p, q = np.array([0.5, 0.5, 0.0]), np.array([0.25, 0.5, 0.25])
-    assert evaluate.kl_divergence(p, q) == pytest.approx(0.5 * np.log(2), abs=1e-5)  # the 0 in p adds nothing
+    # the 0 in p adds nothing
+    assert evaluate.kl_divergence(p, q) == pytest.approx(0.5 * np.log(2), abs=1e-5)
     # q puts mass where p has none: finite only through eps, as stable-audio-metrics' formula has it
-    assert evaluate.kl_divergence(q, p) == pytest.approx(0.25 * np.log(0.25 / 0.5) + 0.25 * np.log(0.25 / 1e-6), rel=1e-5)
+    expected = 0.25 * np.log(0.25 / 0.5) + 0.25 * np.log(0.25 / 1e-6)
+    assert evaluate.kl_divergence(q, p) == pytest.approx(expected, rel=1e-5)
     assert evaluate.kl_divergence(p, p) == pytest.approx(0.0, abs=1e-5)
     assert evaluate.kl_divergence(np.stack([p, q]), np.stack([q, q])).shape == (2,)
     assert evaluate.cosine([1, 0], [0, 3]) == pytest.approx(0.0)
@@ -89,7 +94,8 @@ def test_load_audio_rates_channels_lengths(tmp_path):
         mono = evaluate.load_audio(tmp_path / name, 32000, 1)
         assert stereo.shape == (2, int(seconds * 48000)) and mono.shape == (1, int(seconds * 32000))
         assert stereo.dtype == np.float32
-        assert np.abs(stereo).max() == pytest.approx(10 ** (-1 / 20), rel=1e-5)  # peak-normalized to -1 dBFS
+        # peak-normalized to -1 dBFS
+        assert np.abs(stereo).max() == pytest.approx(10 ** (-1 / 20), rel=1e-5)
     left, right = evaluate.load_audio(tmp_path / "stereo44k.flac", 48000, 2)
     assert np.abs(right).max() < 0.6 * np.abs(left).max()  # the channels stay apart
     assert np.array_equal(*evaluate.load_audio(tmp_path / "mono16k.wav", 48000, 2))  # mono repeated
@@ -101,21 +107,25 @@ def test_load_audio_rates_channels_lengths(tmp_path):
 
 
 def fake_models(calls):
-    """Stand-ins with the real evaluators' interfaces: 'embeddings' from a few spectrum bands."""
+    """Stand-ins with the real evaluators' interfaces (builders taking (device, seed, weights_dir)):
+    'embeddings' from a few spectrum bands."""
     def bands(wav, n):
         spec = np.abs(np.fft.rfft(wav.mean(0)))
         return np.array([c.sum() for c in np.array_split(spec, n)]) / (spec.sum() + 1e-9)
 
-    def openl3():
+    def openl3(*settings):
         calls.append("openl3")
-        return (lambda wav: np.stack([bands(wav[:, s:s + 4800], 8) for s in range(0, wav.shape[1] - 4800, 2400)])), \
-            dict(rate=48000, channels=2)
 
-    def passt():
+        def embed(wav):  # a frame of 4800 samples every 2400
+            starts = range(0, wav.shape[1] - 4800, 2400)
+            return np.stack([bands(wav[:, s:s + 4800], 8) for s in starts])
+        return embed, dict(rate=48000, channels=2)
+
+    def passt(*settings):
         calls.append("passt")
         return (lambda wav: bands(wav, 16)), dict(rate=32000, channels=1)
 
-    def clap():
+    def clap(*settings):
         raise evaluate.Unavailable("CLAP needs the laion-clap package: pip install laion-clap")
     return dict(fd_openl3=openl3, kl_passt=passt, clap=clap)
 
@@ -127,24 +137,30 @@ def test_audio_section_pairs_reports_and_survives(tmp_path, monkeypatch, capsys)
         sf.write(ref / f"ref{i}.wav", tone(2.0, 44100, freq, channels=2), 44100)
         sf.write(gen / f"a-song-{i}_0.wav", tone(1.0 + i, 24000, freq * 1.02), 24000)
     (gen / "a-song-9_0.wav").write_bytes(b"junk")  # corrupt: reported, not fatal
-    (gen / "index.jsonl").write_text("".join(json.dumps(dict(file=f"a-song-{i}_0.wav", prompt=f"song {i}")) + "\n"
-                                             for i in range(3)))
-    (tmp_path / "captions.csv").write_text("id,caption\n" + "".join(f"ref{i},song {i}\n" for i in range(3)))
+    (gen / "index.jsonl").write_text("".join(
+        json.dumps(dict(file=f"a-song-{i}_0.wav", prompt=f"song {i}")) + "\n" for i in range(3)))
+    (tmp_path / "captions.csv").write_text(
+        "id,caption\n" + "".join(f"ref{i},song {i}\n" for i in range(3)))
     calls = []
     monkeypatch.setattr(evaluate, "METRIC_MODELS", fake_models(calls))
     result = evaluate.main(["--section=audio", f"--generated={gen}", f"--reference={ref}",
                             f"--reference_captions={tmp_path / 'captions.csv'}"])
-    assert result["n_generated"] == 4 and result["kl_passt_pairs"] == 3  # paired by caption, the corrupt one left out
+    # paired by caption, the corrupt one left out
+    assert result["n_generated"] == 4 and result["kl_passt_pairs"] == 3
     assert result["fd_openl3"] > 0 and result["kl_passt"] > 0
     assert "clap" not in result
     assert "laion-clap" in result["unavailable"]["clap"]
     assert list(result["problems"]) == [str(gen / "a-song-9_0.wav")]
-    assert json.loads((gen / "eval_audio.json").read_text())["fd_openl3"] == pytest.approx(result["fd_openl3"])
+    saved = json.loads((gen / "eval_audio.json").read_text())
+    assert saved["fd_openl3"] == pytest.approx(result["fd_openl3"])
     assert (ref / "fd_openl3_stats.npz").exists()
     out = capsys.readouterr()
-    assert "| FD_openl3 | KL_passt | CLAP |" in out.out and "n/a" in out.out and "a-song-9_0.wav" in out.err
-    # the reference statistics come from the cache the second time; the same set against itself is at 0
-    again = evaluate.main(["--section=audio", f"--generated={ref}", f"--reference={ref}", "--metrics=('fd_openl3',)"])
+    assert "| FD_openl3 | KL_passt | CLAP |" in out.out and "n/a" in out.out
+    assert "a-song-9_0.wav" in out.err
+    # the reference statistics come from the cache the second time; the same set against itself is
+    # at 0
+    again = evaluate.main(["--section=audio", f"--generated={ref}", f"--reference={ref}",
+                           "--metrics=('fd_openl3',)"])
     assert abs(again["fd_openl3"]) < 1e-9
 
 
@@ -155,11 +171,13 @@ def test_audio_section_generates_from_prompts_first(lm_runs, tmp_path, monkeypat
         sf.write(ref / f"r{i}.wav", tone(1.0, 24000, freq), 24000)
     (tmp_path / "prompts.txt").write_text("a soft piano\na loud synth lead\n")
     monkeypatch.setattr(evaluate, "METRIC_MODELS", fake_models([]))
-    result = evaluate.main(["--section=audio", f"--out_dir={lm_runs[0]}", f"--prompts_file={tmp_path / 'prompts.txt'}",
-                            "--seconds=0.5", f"--reference={ref}", "--metrics=('fd_openl3', 'clap')"])
+    result = evaluate.main(["--section=audio", f"--out_dir={lm_runs[0]}",
+                            f"--prompts_file={tmp_path / 'prompts.txt'}", "--seconds=0.5",
+                            f"--reference={ref}", "--metrics=('fd_openl3', 'clap')"])
     samples = lm_runs[0] / "samples_eval"
     assert result["generated"] == str(samples) and result["n_generated"] == 2
-    assert sorted(p.name for p in samples.glob("*.wav")) == ["a-loud-synth-lead_0.wav", "a-soft-piano_0.wav"]
+    wavs = sorted(p.name for p in samples.glob("*.wav"))
+    assert wavs == ["a-loud-synth-lead_0.wav", "a-soft-piano_0.wav"]
     assert np.isfinite(result["fd_openl3"]) and "clap" in result["unavailable"]
     assert (lm_runs[0] / "eval_audio.json").exists()
 
@@ -191,34 +209,36 @@ def lm_runs(data_dir):
 
 
 def test_val_nll_is_the_training_loss_on_a_whole_clip(lm_runs):
-    model, ckpt = evaluate.load_model(str(lm_runs[0]), "lm")
+    model, ckpt = sample.load_run(str(lm_runs[0]), "lm")  # on the CPU
     d = evaluate.read_split(evaluate.data_root(ckpt), "val", ckpt["data_meta"])
     L = int(d["clips"][0][1])  # one window per clip: the loss train.py computes on that crop
-    nll, nll_notext = evaluate.val_nll(model, d, L)
+    batch_size = evaluate.DEFAULTS["batch_size"]
+    nll, nll_notext = evaluate.val_nll(model, d, L, batch_size, "cpu")
     K, V = model.config.n_codebooks, model.config.codebook_size
-    first, _ = evaluate.val_nll(model, d, L, first=10)
+    first, _ = evaluate.val_nll(model, d, L, batch_size, "cpu", first=10)
     per_clip, per_clip_first = [], []
     for i, (o, n, _, _) in enumerate(d["clips"].tolist()):
         seq = delay(torch.from_numpy(d["codes"][:K, o:o + n].astype(np.int64))[None], V)
-        start, tokens = d["text_index"][d["clips"][i, 2]]  # the clip's first caption: its states, zero-padded
-        batch = d["clips"][i // evaluate.batch_size * evaluate.batch_size:][:evaluate.batch_size]
-        T = d["text_index"][batch[:, 2], 1].max()  # val_nll pads to the longest caption of the clip's batch
+        # the clip's first caption: its states, zero-padded
+        start, tokens = d["text_index"][d["clips"][i, 2]]
+        batch = d["clips"][i // batch_size * batch_size:][:batch_size]
+        T = d["text_index"][batch[:, 2], 1].max()  # val_nll pads to the batch's longest caption
         text = torch.zeros(1, T, d["text"].shape[1])
         text[0, :tokens] = torch.from_numpy(d["text"][start:start + tokens].astype(np.float32))
         mask = torch.arange(text.shape[1])[None] < int(tokens)
         logits, _ = model(seq[:, :, :-1], text, mask)
         per_clip.append(codebook_losses(logits, seq[:, :, 1:]))
         per_clip_first.append(codebook_losses(logits[:, :, :10], seq[:, :, 1:11]))
-    assert torch.allclose(nll, torch.stack(per_clip).mean(0), atol=1e-5)  # equal-length clips: a plain mean
+    # equal-length clips: a plain mean
+    assert torch.allclose(nll, torch.stack(per_clip).mean(0), atol=1e-5)
     assert torch.allclose(first, torch.stack(per_clip_first).mean(0), atol=1e-5)
     assert nll.shape == (K,) and (nll_notext != nll).any()
 
 
 @pytest.fixture(scope="module")
 def offline_result(lm_runs):
-    importlib.reload(evaluate)
-    return evaluate.main(["--section=offline", f"--out_dir={lm_runs[0]}", "--probe_seconds=1.0", "--probe_iters=20",
-                          "--gen_per_caption=1"])
+    return evaluate.main(["--section=offline", f"--out_dir={lm_runs[0]}", "--probe_seconds=1.0",
+                          "--probe_iters=20", "--gen_per_caption=1"])
 
 
 def test_offline_section(lm_runs, offline_result):
@@ -230,13 +250,16 @@ def test_offline_section(lm_runs, offline_result):
     assert set(result["probe_attributes"]) >= {"instrument", "mode", "bpm", "drums"}
     for key in ("probe_ceiling", "probe_chance", "probe_generated", "probe_generated_no_caption"):
         assert len(result[key]) == len(result["probe_attributes"])
-        assert all(x is None or 0 <= x <= 1 for x in result[key]) and any(x is not None for x in result[key])
+        assert all(x is None or 0 <= x <= 1 for x in result[key])
+        assert any(x is not None for x in result[key])
     assert (lm_runs[0] / "eval_offline.json").exists()
     ckpt = torch.load(lm_runs[0] / "ckpt.pt", weights_only=True)
-    [cache] = Path(evaluate.data_root(ckpt)).glob("probe_*.pt")
+    root = evaluate.data_root(ckpt)
+    [cache] = Path(root).glob("probe_*.pt")
     stamp = cache.stat().st_mtime_ns  # the same settings again: the cached probe, not a new one
-    evaluate.probe_iters = 20  # as offline_result set it (each test starts from evaluate.py's defaults)
-    assert evaluate.cached_probe(evaluate.data_root(ckpt), ckpt["data_meta"], 75)[2] == result["probe_ceiling"]
+    # as offline_result ran it: 1 s = 75 frames, --probe_iters=20, the default seed
+    probe = evaluate.cached_probe(root, ckpt["data_meta"], 75, 20, evaluate.DEFAULTS["seed"])
+    assert probe[2] == result["probe_ceiling"]
     assert cache.stat().st_mtime_ns == stamp
 
 
@@ -248,15 +271,18 @@ def log_rows(run):
 @pytest.fixture(scope="module")
 def simba_seed1(data_dir):
     """lm_runs' Prefix SiMBA again with seed 1."""
-    r = run_train(data_dir, data_dir / "prefix_simba_seed1", "configs/prefix_simba.py", *TINY_LM, "--seed=1")
+    r = run_train(data_dir, data_dir / "prefix_simba_seed1", "configs/prefix_simba.py", *TINY_LM,
+                  "--seed=1")
     assert r.returncode == 0, r.stderr[-2000:]
     return data_dir / "prefix_simba_seed1"
 
 
-def test_runs_group_seeds_and_compare_at_equal_budgets(lm_runs, offline_result, simba_seed1, tmp_path, capsys):
+def test_runs_group_seeds_and_compare_at_equal_budgets(lm_runs, offline_result, simba_seed1,
+                                                       tmp_path, capsys):
     simba, transformer = lm_runs
     seed1 = simba_seed1
-    stopped = tmp_path / "transformer_diverged"  # a higher rate whose loss went to nan: it stopped at its first eval
+    # a higher rate whose loss went to nan: it stopped at its first eval
+    stopped = tmp_path / "transformer_diverged"
     shutil.copytree(transformer, stopped)
     ckpt = torch.load(stopped / "ckpt.pt", weights_only=True)
     ckpt["config"]["learning_rate"] = 1.0
@@ -264,15 +290,20 @@ def test_runs_group_seeds_and_compare_at_equal_budgets(lm_runs, offline_result, 
     lines = (stopped / "log.csv").read_text().splitlines()
     (stopped / "log.csv").write_text("\n".join(lines[:2]) + "\n")
     png = tmp_path / "runs.png"
-    rows = evaluate.main(["--runs", str(simba), str(transformer), str(seed1), str(stopped), f"--out={png}"])
+    rows = evaluate.main(["--runs", str(simba), str(transformer), str(seed1), str(stopped),
+                          f"--out={png}"])
     table = capsys.readouterr().out
-    assert [(r["variant"], r["seeds"]) for r in rows] == [("prefix_simba", 2), ("prefix_transformer", 1)]
+    variants = [(r["variant"], r["seeds"]) for r in rows]
+    assert variants == [("prefix_simba", 2), ("prefix_transformer", 1)]
     assert rows[0]["runs"] == [str(simba), str(seed1)] and all(r["params"] > 0 for r in rows)
     # equal steps: the mean and the spread of the seeds' final val losses
     finals = [log_rows(run)[-1]["val_loss"] for run in (simba, seed1)]
-    assert rows[0]["val_loss_at_iter"] == pytest.approx((np.mean(finals), np.std(finals, ddof=1), 2))
-    assert rows[1]["val_loss_at_iter"] == pytest.approx((log_rows(transformer)[-1]["val_loss"], None, 1))
-    # equal FLOPs and wall-clock: the least every variant reached; the other variant is read between its evals
+    spread = (np.mean(finals), np.std(finals, ddof=1), 2)
+    assert rows[0]["val_loss_at_iter"] == pytest.approx(spread)
+    final = log_rows(transformer)[-1]["val_loss"]
+    assert rows[1]["val_loss_at_iter"] == pytest.approx((final, None, 1))
+    # equal FLOPs and wall-clock: the least every variant reached; the other variant is read between
+    # its evals
     for x in ("flops_seen", "train_seconds"):
         logs = {run: log_rows(run) for run in (simba, seed1, transformer)}
         budget = min(log[-1][x] for log in logs.values())
@@ -281,18 +312,24 @@ def test_runs_group_seeds_and_compare_at_equal_budgets(lm_runs, offline_result, 
             i = next(i for i, p in enumerate(log) if p[x] >= budget)
             lo, hi = sorted((log[i]["val_loss"], log[max(i - 1, 0)]["val_loss"]))
             assert lo - 1e-9 <= evaluate.at(dict(log=log), x, budget) <= hi + 1e-9
-        assert rows[1][f"val_loss_at_{x}"][0] == pytest.approx(evaluate.at(dict(log=logs[transformer]), x, budget))
-    assert rows[0]["probe"][2] == 1 and rows[1]["probe"] is None  # only the first seed has eval_offline.json
-    assert rows[0]["text_gain"][2] == 2  # from eval_offline.json for one seed, from log.csv for the other
-    assert table.count("| prefix_simba | 0.003 | 2 |") == 2  # in the table of settings and in the comparison
+        expected = evaluate.at(dict(log=logs[transformer]), x, budget)
+        assert rows[1][f"val_loss_at_{x}"][0] == pytest.approx(expected)
+    # only the first seed has eval_offline.json
+    assert rows[0]["probe"][2] == 1 and rows[1]["probe"] is None
+    # from eval_offline.json for one seed, from log.csv for the other
+    assert rows[0]["text_gain"][2] == 2
+    # in the table of settings and in the comparison
+    assert table.count("| prefix_simba | 0.003 | 2 |") == 2
     max_iters = ckpt["config"]["max_iters"]
-    assert f"| prefix_transformer | 1 | 1 | 0 | " in table and f"stopped at step 0 of {max_iters} |" in table
+    assert "| prefix_transformer | 1 | 1 | 0 | " in table
+    assert f"stopped at step 0 of {max_iters} |" in table
     assert f"{np.mean(finals):.4f} ± {np.std(finals, ddof=1):.4f}" in table
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
 def fake_rate(run, dest, learning_rate, final_val_loss):
-    """A copy of a run as if trained at another rate, its last val loss set (the ranking reads only the log)."""
+    """A copy of a run as if trained at another rate, its last val loss set (the ranking reads only
+    the log)."""
     shutil.copytree(run, dest)
     ckpt = torch.load(dest / "ckpt.pt", weights_only=True)
     ckpt["config"]["learning_rate"] = learning_rate
@@ -306,21 +343,25 @@ def fake_rate(run, dest, learning_rate, final_val_loss):
 
 
 def test_runs_rank_rates_by_the_seeds_every_rate_has(lm_runs, simba_seed1, tmp_path, capsys):
-    """As in a sweep: seed 0 at every rate, more seeds at one. Rates are ranked by the shared seed, so a worse extra
-    seed cannot hand the win to a rate with fewer seeds; a rate where a seed diverged never wins."""
+    """As in a sweep: seed 0 at every rate, more seeds at one. Rates are ranked by the shared seed,
+    so a worse extra seed cannot hand the win to a rate with fewer seeds; a rate where a seed
+    diverged never wins."""
     simba, seed1 = lm_runs[0], simba_seed1
     shared, extra = log_rows(simba)[-1]["val_loss"], log_rows(seed1)[-1]["val_loss"]
-    if extra < shared:  # the ranking must differ from the all-seed mean's: the extra seed is the worse one
+    # the ranking must differ from the all-seed mean's: the extra seed is the worse one
+    if extra < shared:
         simba, seed1, shared, extra = seed1, simba, extra, shared
-    between = (shared + (shared + extra) / 2) / 2  # above the shared seed, below the mean of both seeds
-    fake_rate(simba, tmp_path / "other_rate", 1e-2, between)
-    rows = evaluate.main(["--runs", str(simba), str(seed1), str(tmp_path / "other_rate"), f"--out={tmp_path / 'a.png'}"])
+    between = (shared + (shared + extra) / 2) / 2  # above the shared seed, below both seeds' mean
+    other_rate, diverged = tmp_path / "other_rate", tmp_path / "diverged"
+    fake_rate(simba, other_rate, 1e-2, between)
+    rows = evaluate.main(["--runs", str(simba), str(seed1), str(other_rate),
+                          f"--out={tmp_path / 'a.png'}"])
     assert (rows[0]["learning_rate"], rows[0]["seeds"]) == (3e-3, 2)
     # the same but the lower rate's extra seed stopped early (diverged): the other rate wins
-    fake_rate(seed1, tmp_path / "diverged", 3e-3, float("nan"))
-    lines = (tmp_path / "diverged" / "log.csv").read_text().splitlines()
-    (tmp_path / "diverged" / "log.csv").write_text("\n".join(lines[:2]) + "\n")
-    rows = evaluate.main(["--runs", str(simba), str(tmp_path / "diverged"), str(tmp_path / "other_rate"),
+    fake_rate(seed1, diverged, 3e-3, float("nan"))
+    lines = (diverged / "log.csv").read_text().splitlines()
+    (diverged / "log.csv").write_text("\n".join(lines[:2]) + "\n")
+    rows = evaluate.main(["--runs", str(simba), str(diverged), str(other_rate),
                           f"--out={tmp_path / 'b.png'}"])
     assert (rows[0]["learning_rate"], rows[0]["seeds"]) == (1e-2, 1)
     capsys.readouterr()
@@ -333,11 +374,14 @@ def test_probe_reads_attributes_from_real_tokens_and_not_from_shuffled_ones(tmp_
     _, classes, real, chance = evaluate.train_probe(root, meta, 150, 400)
     _, _, shuffled, _ = evaluate.train_probe(root, meta, 150, 400, shuffle=True)
     assert chance == [1 / len(c) for c in classes.values()]
-    assert dict(zip(classes, real))["dynamics"] >= 0.6  # loudness is plain in any codec's tokens (chance 0.33)
-    # 96 train songs of 2 s, 24 val songs: above guessing and clearly above the same probe on shuffled captions
-    # (on data/synth, 54 songs of 60 s, the ceiling is 0.53 against chance 0.28: README)
+    # loudness is plain in any codec's tokens (chance 0.33)
+    assert dict(zip(classes, real))["dynamics"] >= 0.6
+    # 96 train songs of 2 s, 24 val songs: above guessing and clearly above the same probe on
+    # shuffled captions (on data/synth, 54 songs of 60 s, the ceiling is 0.53 against chance 0.28:
+    # README)
     assert evaluate.mean(real) > max(evaluate.mean(chance), evaluate.mean(shuffled)) + 0.05
-    assert evaluate.mean(shuffled) < evaluate.mean(chance) + 0.05  # captions of other songs: nothing to learn
+    # captions of other songs: nothing to learn
+    assert evaluate.mean(shuffled) < evaluate.mean(chance) + 0.05
 
 
 # -----------------------------------------------------------------------------
@@ -346,16 +390,16 @@ def test_probe_reads_attributes_from_real_tokens_and_not_from_shuffled_ones(tmp_
 
 @pytest.fixture(scope="module")
 def stage2_dir(data_dir):
-    r = run_train(data_dir, data_dir / "stage2", "configs/stage2_diffusion.py", "--unet_channels=(32,32,64)",
-                  "--seq_len=32", "--batch_size=4", "--max_iters=3", "--eval_interval=3", "--eval_iters=1",
-                  "--gradient_accumulation_steps=1")
+    r = run_train(data_dir, data_dir / "stage2", "configs/stage2_diffusion.py",
+                  "--unet_channels=(32,32,64)", "--seq_len=32", "--batch_size=4", "--max_iters=3",
+                  "--eval_interval=3", "--eval_iters=1", "--gradient_accumulation_steps=1")
     assert r.returncode == 0, r.stderr[-2000:]
     return data_dir / "stage2"
 
 
 def test_stage2_section(stage2_dir):
-    result = evaluate.main(["--section=stage2", f"--stage2_dir={stage2_dir}", "--seconds=1.0", "--stage2_steps=2",
-                            "--clips=2", "--stage2_temperatures=(1.0, 0.0)"])
+    result = evaluate.main(["--section=stage2", f"--stage2_dir={stage2_dir}", "--seconds=1.0",
+                            "--stage2_steps=2", "--clips=2", "--stage2_temperatures=(1.0, 0.0)"])
     saved = json.loads((stage2_dir / "eval_stage2.json").read_text())
     assert saved == json.loads(json.dumps(result))
     baseline, warm, cold = result["rows"]
@@ -364,20 +408,28 @@ def test_stage2_section(stage2_dir):
         assert 0 <= row["acc_mean"] <= 1 and row["latent_mse"] >= 0
     assert warm["seconds_per_audio_second"] > 0 and "temperature 0" in cold["method"]
     # the measure itself: the true latent re-quantizes to its own codes with no error
-    model, ckpt = evaluate.load_model(str(stage2_dir), "stage2")
-    truth = evaluate.val_codes(ckpt, 75)
+    model, ckpt = sample.load_run(str(stage2_dir), "stage2")
+    # the first second (75 frames) of up to evaluate.py's default number of clips
+    truth = evaluate.val_codes(evaluate.data_root(ckpt), ckpt["data_meta"], "val", 1.0,
+                               evaluate.DEFAULTS["clips"])
+    assert truth.shape[-1] == 75
     assert evaluate.scores(model, model.latent(truth), truth)["acc_mean"] > 0.9
-    assert evaluate.scores(model, model.latent(truth), truth)["latent_mse"] == pytest.approx(0.0, abs=1e-8)
+    mse = evaluate.scores(model, model.latent(truth), truth)["latent_mse"]
+    assert mse == pytest.approx(0.0, abs=1e-8)
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--section=stage2", "--stage2_dir=/no/such/run"], "evaluate.py: no checkpoint at /no/such/run/ckpt.pt; set --stage2_dir"),
-    (["--section=offline"], "evaluate.py: the offline section needs --out_dir=RUN (a train.py out_dir)"),
+    (["--section=stage2", "--stage2_dir=/no/such/run"],
+     "evaluate.py: no checkpoint at /no/such/run/ckpt.pt; set --stage2_dir"),
+    (["--section=offline"],
+     "evaluate.py: the offline section needs --out_dir=RUN (a train.py out_dir)"),
     (["--section=audio", "--generated=/no/such/dir", "--reference=/tmp"],
      "evaluate.py: --generated=/no/such/dir holds no audio files (.wav, .flac, .ogg, .mp3)"),
-    (["--runs"], "evaluate.py: --runs needs one or more run folders"),
-    (["--section=nope"], "evaluate.py: unknown section 'nope'; available: offline, audio, stage2 (or --runs DIR ...)"),
+    (["--runs"], "evaluate.py: --runs needs one or more values"),  # configurator.py's message
+    (["--section=nope"],
+     "evaluate.py: unknown section 'nope'; available: offline, audio, stage2 (or --runs DIR ...)"),
 ])
 def test_bad_input_one_line(argv, message):
-    r = subprocess.run([sys.executable, "evaluate.py", *argv], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "evaluate.py", *argv], cwd=ROOT, capture_output=True,
+                       text=True)
     assert r.returncode != 0 and r.stderr.strip() == message

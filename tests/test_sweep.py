@@ -1,5 +1,6 @@
-"""sweep.py, smoke-sized: two variants, a grid of two rates that grows by one, two seeds, the offline evaluation of
-the best-rate runs and the grouped comparison; a second call does nothing new; an interrupted run is resumed."""
+"""sweep.py, smoke-sized: two variants, a grid of two rates that grows by one, two seeds, the
+offline evaluation of the best-rate runs and the grouped comparison; a second call does nothing new;
+an interrupted run is resumed."""
 import csv
 import os
 import shutil
@@ -13,8 +14,8 @@ from conftest import build_tiny_dataset
 ROOT = Path(__file__).resolve().parent.parent
 
 
-TRAIN = ("--dataset=tiny", "--seq_len=48", "--batch_size=4", "--eval_iters=1", "--warmup_iters=2", "--max_iters=4",
-         "--lr_decay_iters=4", "--eval_interval=2", "--log_interval=1000")
+TRAIN = ("--dataset=tiny", "--seq_len=48", "--batch_size=4", "--eval_iters=1", "--warmup_iters=2",
+         "--max_iters=4", "--lr_decay_iters=4", "--eval_interval=2", "--log_interval=1000")
 
 
 def sweep(data_dir, out_root):
@@ -39,8 +40,9 @@ def test_sweep_smoke(tmp_path):
     runs = sorted(p.name for p in out_root.iterdir() if p.is_dir())
     for variant in ("prefix_simba", "prefix_transformer"):
         grid = [name for name in runs if name.startswith(variant + "-") and name.endswith("-s0")]
-        assert len(grid) == 3  # two rates; the best of two is at an edge, so one more rate on its side
-        [best] = [name[:-3] for name in runs if name.startswith(variant + "-") and name.endswith("-s1")]
+        assert len(grid) == 3  # two rates; the best of two is at an edge, so a third on its side
+        [best] = [name[:-3] for name in runs
+                  if name.startswith(variant + "-") and name.endswith("-s1")]
         assert f"{variant}: best learning rate {best.split('-lr')[1]}" in printed
         for seed in (0, 1):
             run = out_root / f"{best}-s{seed}"
@@ -50,16 +52,18 @@ def test_sweep_smoke(tmp_path):
     assert table.count(" | 2 | ") == 4  # each variant's best setting has two seeds, in both tables
     assert " ± " in table and (out_root / "compare.png").stat().st_size > 10_000
 
-    # a run stopped after step 2 of 4 (its checkpoint made so: the first 2 steps of the same run, with the same
-    # learning-rate schedule) is resumed and ends where the uninterrupted run ended; nothing else runs again
+    # a run stopped after step 2 of 4 (its checkpoint made so: the first 2 steps of the same run,
+    # with the same learning-rate schedule) is resumed and ends where the uninterrupted run ended;
+    # nothing else runs again
     stamps = {p: p.stat().st_mtime_ns for p in out_root.glob("*/ckpt.pt")}
     cut = out_root / f"{best}-s1"
     expected = final_val_loss(cut)
     lr = torch.load(cut / "ckpt.pt", weights_only=True)["config"]["learning_rate"]
     shutil.rmtree(cut)
-    r = subprocess.run([sys.executable, "train.py", "configs/prefix_transformer.py", "configs/tiny.py",
-                        f"--data_dir={tmp_path}", *TRAIN, "--max_iters=2", f"--learning_rate={lr}", "--seed=1",
-                        f"--out_dir={cut}"], cwd=ROOT, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "train.py", "configs/prefix_transformer.py",
+                        "configs/tiny.py", f"--data_dir={tmp_path}", *TRAIN, "--max_iters=2",
+                        f"--learning_rate={lr}", "--seed=1", f"--out_dir={cut}"],
+                       cwd=ROOT, capture_output=True, text=True,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
     ckpt = torch.load(cut / "ckpt.pt", weights_only=True)
