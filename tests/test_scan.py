@@ -184,8 +184,8 @@ def test_very_long_sequence_forward(path):
 @pytest.mark.parametrize("path", ["cpu", "triton"])
 def test_mamba2_heads_broadcast(path):
     """Mamba-2: per-head scalar A and dt broadcast over the head's channels
-    (8 heads x 16, N=64, G=1)."""
-    heads, headdim, N, L, batch = 8, 16, 64, 12 if path == "triton" else 100, 1
+    (8 heads x 16, N=16, G=1)."""
+    heads, headdim, N, L, batch = 8, 16, 16, 12 if path == "triton" else 100, 1
     dim = heads * headdim
     device = TRITON_DEV if path == "triton" else "cpu"
     fn = scan.selective_scan_triton if path == "triton" else scan.selective_scan_cpu
@@ -398,10 +398,10 @@ SSD_STEP_PATHS = {"torch": scan.ssd_step_torch, "triton": scan.ssd_step_triton}
 @pytest.mark.parametrize("P", [16, 36])
 def test_ssd_step_continues_the_scan(path, P):
     """Mamba-2's generation step (the causal conv's ring state, silu, the state update) step by
-    step over 30 positions gives the conv and ssd_scan over the whole sequence, in output and last
-    state; the ring wraps around 7 times; headdim 36 leaves a partial tile in the kernel."""
+    step over 14 positions gives the conv and ssd_scan over the whole sequence, in output and last
+    state; the ring wraps around 3 times; headdim 36 leaves a partial tile in the kernel."""
     g = torch.Generator().manual_seed(0)
-    batch, L, H, N, K = 2, 30, 3, 16, 4
+    batch, L, H, N, K = 2, 14, 3, 16, 4
     CH = H * P + 2 * N
     xBC, dt = torch.randn(batch, L, CH, generator=g), torch.randn(batch, L, H, generator=g) - 1
     w, wb = 0.5 * torch.randn(CH, K, generator=g), 0.1 * torch.randn(CH, generator=g)

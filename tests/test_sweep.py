@@ -1,6 +1,6 @@
 """sweep.py, smoke-sized: two variants, a grid of two rates that grows by one, two seeds, the
-offline evaluation of the best-rate runs and the grouped comparison; a second call does nothing new;
-an interrupted run is resumed."""
+offline evaluation of the best-rate runs and the grouped comparison, two runs at a time; a second
+call does nothing new; an interrupted run is resumed."""
 import csv
 import os
 import shutil
@@ -20,7 +20,8 @@ TRAIN = ("--dataset=tiny", "--seq_len=48", "--batch_size=4", "--eval_iters=1", "
 
 def sweep(data_dir, out_root):
     cmd = [sys.executable, "sweep.py", "--variants=('prefix_simba', 'prefix_transformer')",
-           "--learning_rates=(1e-3, 1e-2)", "--max_widen=1", "--seeds=2", f"--out_root={out_root}",
+           "--learning_rates=(1e-3, 1e-2)", "--max_widen=1", "--seeds=2", "--jobs=2",
+           f"--out_root={out_root}",
            f"--train_args={(f'--data_dir={data_dir}', *TRAIN)!r}",
            "--eval_args=('--probe_seconds=1.0', '--probe_iters=10', '--gen_per_caption=1')"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
@@ -60,11 +61,12 @@ def test_sweep_smoke(tmp_path):
     expected = final_val_loss(cut)
     lr = torch.load(cut / "ckpt.pt", weights_only=True)["config"]["learning_rate"]
     shutil.rmtree(cut)
+    threads = str(max(1, (os.cpu_count() or 1) // 2))  # what sweep.py --jobs=2 gives a run
     r = subprocess.run([sys.executable, "train.py", "configs/prefix_transformer.py",
                         "configs/tiny.py", f"--data_dir={tmp_path}", *TRAIN, "--max_iters=2",
                         f"--learning_rate={lr}", "--seed=1", f"--out_dir={cut}"],
                        cwd=ROOT, capture_output=True, text=True,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+                       env=dict(os.environ, OMP_NUM_THREADS=threads))
     assert r.returncode == 0, r.stderr[-2000:]
     ckpt = torch.load(cut / "ckpt.pt", weights_only=True)
     ckpt["config"]["max_iters"] = 4
