@@ -631,11 +631,11 @@ def bench_stage2(device, dtype, size, seconds=10.0, steps=25):
 def bench_prepare(device, hours):
     """Peak memory of preparing one long recording (44.1 kHz stereo 16-bit wav: the synthetic songs
     end to end, `hours` long), each way in its own process: decoding it whole and resampling it,
-    then also encoding its clips (what prepare.py did before it read in blocks); reading it through
-    prepare.read_clips in blocks; and whole `prepare.py` runs (untrained codec, MiniLM) on two 30 s
-    files and on the long file beside a 30 s one: the same peak if memory does not grow with the
-    file. Every encoder runs at prepare.py's default batch, and the long file once more at twice
-    that batch."""
+    then also encoding its clips one at a time, each in one pass (what prepare.py did before it
+    read in blocks and ran the encoder in windows); reading it through prepare.read_clips in
+    blocks; and whole `prepare.py` runs (untrained codec, MiniLM) on two 30 s files and on the long
+    file beside a 30 s one: the same peak if memory does not grow with the file; the long file once
+    more at twice prepare.py's default batch."""
     import tempfile
 
     import numpy as np
@@ -667,11 +667,13 @@ def bench_prepare(device, hours):
             "prepare.read_clips, 60 s blocks":
                 f"n = sum(len(c) for _, c in prepare.read_clips({str(long_file)!r}, "
                 "30.0, 5.0))"}
+        # the old way: the whole file in memory, each 30 s clip through EnCodec in one pass
         programs["decode whole + resample + encode (prepare.py before)"] = (
             programs["decode whole + resample"] +
             f"; codec, _ = data.load_codec('untrained', device={device!r}); "
-            f"codes = prepare.encode_clips(codec, [c for _, c in prepare.cut_clips(w, 30.0, 5.0)], "
-            f"prepare.encode_batch_size({device!r}))")
+            "torch.set_grad_enabled(False); "
+            f"codes = [codec.encode(torch.from_numpy(c)[None, None].to({device!r})) "
+            "for _, c in prepare.cut_clips(w, 30.0, 5.0)]")
         double = 2 * encode_batch_size(device)
         for i, (name, folder, *more) in enumerate((
                 ("python prepare.py, two 30 s files", Path(tmp) / "short"),
@@ -684,7 +686,7 @@ def bench_prepare(device, hours):
                               "runpy.run_path('prepare.py', run_name='__main__')")
         for name, code in programs.items():
             rows.append(dict(what=name, **peak_of(
-                "import numpy as np, soundfile as sf, soxr, data, prepare; " + code)))
+                "import numpy as np, soundfile as sf, soxr, torch, data, prepare; " + code)))
     return rows
 
 

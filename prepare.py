@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 from tqdm import tqdm
 
 from configurator import configure
@@ -321,7 +322,7 @@ def kmeans_init_codebooks(model, wavs, iters=10, seed=0):
     first training batch."""
     g = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    latents = torch.cat([model.encoder(torch.from_numpy(w)[None, None].to(device))
+    latents = torch.cat([encoder_latent(model, torch.from_numpy(w)[None, None].to(device))
                          for w in wavs], dim=-1)
     residual = latents[0].T.cpu()  # (frames, 128)
     for layer in model.quantizer.vq.layers[:n_codebooks_for(model.bandwidth)]:
@@ -331,6 +332,31 @@ def kmeans_init_codebooks(model, wavs, iters=10, seed=0):
         book.embed_avg.copy_(centroids)
         book.inited.fill_(1)
         residual = residual - centroids[torch.cdist(residual, centroids).argmin(1)]
+
+
+ENCODER_CONTEXT = 960  # samples: 3 frames; the encoder's convolutions see 798 samples back
+
+
+@torch.no_grad()
+def encoder_latent(model, x, window_seconds=3.0):
+    """EnCodec's encoder on waveforms x (b, 1, samples) -> latents (b, 128, samples / 320): what
+    model.encoder(x) gives (to float rounding), in a fraction of its working memory.
+
+    The 24 kHz encoder is causal: convolutions (strides 2, 4, 5, 8: one frame per 320 samples) whose
+    output at a frame depends on the 798 samples before it, then an LSTM and a last convolution over
+    the frames. The convolutions run window by window, each window starting ENCODER_CONTEXT samples
+    early (a whole number of frames) so that its first kept frame sees what it sees in one pass; the
+    LSTM and the last convolution run on the whole latent, 320 times shorter than the audio."""
+    layers = list(model.encoder.model)
+    lstm = next(i for i, layer in enumerate(layers) if type(layer).__name__ == "SLSTM")
+    convs, rest = nn.Sequential(*layers[:lstm]), nn.Sequential(*layers[lstm:])
+    hop = int(model.encoder.hop_length)  # 320
+    window = round(window_seconds * SAMPLE_RATE / hop) * hop
+    pieces = []
+    for start in range(0, x.shape[-1], window):
+        first = max(0, start - ENCODER_CONTEXT)
+        pieces.append(convs(x[..., first:start + window])[..., (start - first) // hop:])
+    return rest(torch.cat(pieces, dim=-1))
 
 
 def encode_batch_size(device):
@@ -354,7 +380,10 @@ def encode_clips(model, clips, batch_size):
             group = idx[s:s + batch_size]
             # (b, 1, samples)
             x = torch.from_numpy(np.stack([clips[i] for i in group]))[:, None].to(device)
-            codes = model.encode(x)[0][0]  # (b, n_codebooks, frames)
+            # (b, n_codebooks, frames): model.encode(x) (for 24 kHz: no segments, no
+            # normalization), its encoder run a window at a time
+            codes = model.quantizer.encode(encoder_latent(model, x), model.frame_rate,
+                                           model.bandwidth).transpose(0, 1)
             for j, i in enumerate(group):
                 out[i] = codes[j].cpu().to(torch.int16)  # < 1024
     return out

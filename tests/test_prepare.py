@@ -447,3 +447,21 @@ def test_text_is_padded_to_the_longest_caption_of_the_batch():
     assert text.shape == (2, 5, 4) and mask.sum(1).tolist() == [3, 5]
     assert (text[0, :3] == 1).all() and (text[0, 3:] == 0).all() and (text[1] == 2).all()
 
+
+def test_encoder_run_window_by_window_gives_the_one_pass_numbers(monkeypatch):
+    torch.manual_seed(0)
+    codec, _ = data.load_codec("untrained")
+    # two clips of 7.3 s: not a whole number of windows (1 s) nor of frames (320 samples)
+    x = 0.1 * torch.randn(2, 1, round(7.3 * data.SAMPLE_RATE))
+    with torch.no_grad():
+        whole = codec.encoder(x)  # (2, 128, frames)
+        windows = prepare.encoder_latent(codec, x, window_seconds=1.0)
+        # the same up to float rounding (the matrix products are blocked by another length)
+        assert windows.shape == whole.shape
+        assert (windows - whole).abs().max() < 1e-5 * whole.abs().max()
+        codes = prepare.encode_clips(codec, list(x[:, 0].numpy()), batch_size=2)
+        same = torch.stack(codes).long() == codec.encode(x)[0][0]
+        assert same.float().mean() > 0.999
+        monkeypatch.setattr(prepare, "ENCODER_CONTEXT", 320)  # less than the 798 samples it sees
+        short = prepare.encoder_latent(codec, x, window_seconds=1.0)
+        assert (short - whole).abs().max() > 1e-3 * whole.abs().max()
