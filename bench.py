@@ -304,10 +304,13 @@ def heads_layout(scan_fn, heads, grouped_bc=False, **kwargs):
     def fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         b, dim, L = u.shape
         p = dim // heads
-        # (b, dim, L) -> (b, L, h, p)
-        to_heads = lambda t: t.view(b, heads, p, L).permute(0, 3, 1, 2)  # noqa: E731
-        # (dim, ...) -> (h,)
-        first = lambda t: t.view(heads, p, -1)[:, 0, 0].contiguous()  # noqa: E731
+
+        def to_heads(t):  # (b, dim, L) -> (b, L, h, p)
+            return t.view(b, heads, p, L).permute(0, 3, 1, 2)
+
+        def first(t):  # (dim, ...) -> (h,)
+            return t.view(heads, p, -1)[:, 0, 0].contiguous()
+
         B, C = (t.permute(0, 3, 1, 2) if grouped_bc else t[:, 0].transpose(1, 2) for t in (B, C))
         y = scan_fn(to_heads(u), to_heads(delta)[..., 0], first(A), B, C, D=first(D), z=to_heads(z),
                     dt_bias=first(delta_bias), dt_softplus=delta_softplus, **kwargs)  # (b, L, h, p)

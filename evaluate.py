@@ -671,7 +671,9 @@ def clap_score(embed_audio, embed_text, spec, gen_files, gen_captions, problems)
 
 
 def print_audio(r):
-    cell = lambda k: f"{r[k]:.4f}" if r.get(k) is not None else "n/a"  # noqa: E731
+    def cell(k):
+        return f"{r[k]:.4f}" if r.get(k) is not None else "n/a"
+
     print(f"## audio metrics: {r['n_generated']} generated ({r['generated']}) "
           f"vs {r['n_reference']} reference ({r['reference']})\n")
     print("| generated | FD_openl3 | KL_passt | CLAP |\n|---|---|---|---|")

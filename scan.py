@@ -747,8 +747,10 @@ def _ssd_chunks(x, dt, A, B, C, D, z, dt_bias, dt_softplus, Q, initial_state):
             dt = F.softplus(dt)
         pad = -L % Q  # steps with dt = 0 after the end: no decay, no input, so nothing changes
         nc = (L + pad) // Q
-        chunks = lambda t: F.pad(t.to(f),  # noqa: E731
-                                 (0, 0) * (t.dim() - 2) + (0, pad)).unflatten(1, (nc, Q))
+
+        def chunks(t):  # (b, L, ...) -> (b, c, Q, ...), zero-padded at the end
+            return F.pad(t.to(f), (0, 0) * (t.dim() - 2) + (0, pad)).unflatten(1, (nc, Q))
+
         Bc, Cc, dtc = chunks(B), chunks(C), chunks(dt)  # (b, c, Q, N), (b, c, Q, N), (b, c, Q, h)
         xdt = chunks(x) * dtc[..., None]  # (b, c, Q, h, P): dt_j x_j
         # each exponent is A times a difference of cdt, dt summed from the chunk's start in

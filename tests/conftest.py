@@ -22,10 +22,13 @@ def ssd_by_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, 
     each head's channels, (batch, L, heads, headdim) <-> (batch, dim, L)."""
     import scan
     batch, L, heads, P = x.shape
-    # (..., heads) -> (..., dim)
-    per_channel = lambda t: None if t is None else t.repeat_interleave(P, -1)  # noqa: E731
-    # -> (batch, dim, L)
-    channels = lambda t: None if t is None else t.flatten(2).transpose(1, 2)  # noqa: E731
+
+    def per_channel(t):  # (..., heads) -> (..., dim)
+        return None if t is None else t.repeat_interleave(P, -1)
+
+    def channels(t):  # (batch, L, heads, P) -> (batch, dim, L)
+        return None if t is None else t.flatten(2).transpose(1, 2)
+
     out = scan.selective_scan_ref(channels(x), per_channel(dt).transpose(1, 2),
                                   per_channel(A)[:, None].expand(heads * P, B.shape[-1]),
                                   B.transpose(1, 2), C.transpose(1, 2), per_channel(D), channels(z),

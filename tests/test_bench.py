@@ -138,7 +138,10 @@ def test_mamba_ssm_rows_compute_our_function(mamba_ssm_kernels):
     ref, theirs = grads["ref"], grads["theirs"]
     for k in ("out", "u", "z", "B", "C"):
         torch.testing.assert_close(theirs[k], ref[k], **tol, msg=k)
-    per_head = lambda g, d: g.unflatten(d, (heads, -1)).sum(d + 1)  # noqa: E731
+
+    def per_head(g, d):  # summed over each head's channels along dim d
+        return g.unflatten(d, (heads, -1)).sum(d + 1)
+
     torch.testing.assert_close(per_head(theirs["delta"], 1), per_head(ref["delta"], 1), **tol)
     for k in ("delta_bias", "D"):
         torch.testing.assert_close(per_head(theirs[k], 0), per_head(ref[k], 0), **tol, msg=k)

@@ -221,8 +221,10 @@ def ssd_inputs(batch, L, heads, P, N, dtype, flags, seed=0):
     """Mamba-2's inputs for scan.ssd_scan: A, dt and dt_bias one per head."""
     has_D, has_z, has_bias, _ = flags
     g = torch.Generator().manual_seed(seed)
-    rnd = lambda *shape, scale=1.0, dt=dtype: (  # noqa: E731
-        scale * torch.randn(*shape, generator=g)).to(dt)
+
+    def rnd(*shape, scale=1.0, dt=dtype):
+        return (scale * torch.randn(*shape, generator=g)).to(dt)
+
     return dict(x=rnd(batch, L, heads, P),
                 dt=(0.5 * torch.rand(batch, L, heads, generator=g)).to(dtype),  # > 0
                 A=-torch.rand(heads, generator=g) * 4 - 0.5, B=rnd(batch, L, N), C=rnd(batch, L, N),
