@@ -335,10 +335,11 @@ def kmeans_init_codebooks(model, wavs, iters=10, seed=0):
 
 
 ENCODER_CONTEXT = 960  # samples: 3 frames; the encoder's convolutions see 798 samples back
+ENCODER_WINDOW = 3.0  # seconds of audio through the encoder's convolutions at once
 
 
 @torch.no_grad()
-def encoder_latent(model, x, window_seconds=3.0):
+def encoder_latent(model, x, window_seconds=ENCODER_WINDOW):
     """EnCodec's encoder on waveforms x (b, 1, samples) -> latents (b, 128, samples / 320): what
     model.encoder(x) gives (to float rounding), in a fraction of its working memory.
 
@@ -454,11 +455,13 @@ def synth_source(index, args):
 
 def work_folder(out, args):
     """The folder of finished sources for these settings (one file each; a killed run resumes from
-    it). Settings that change the tokens get another folder; the captions, the split and the text
-    encoder are not among them."""
+    it). Settings that change the tokens get another folder (the batch and the encoder's window
+    too: they change float rounding, so a few tokens); the captions, the split and the text encoder
+    are not among them."""
     settings = dict(clip=args.clip_seconds, min=args.min_seconds, codec=args.codec,
                     ckpt=args.codec_ckpt or None, bw=args.bandwidth, seed=args.seed, layout=2,
-                    synth=None if args.audio_dir or args.manifest else args.synth_seconds)
+                    synth=None if args.audio_dir or args.manifest else args.synth_seconds,
+                    batch=args.batch_size, window=ENCODER_WINDOW)
     work = out / (
         f".work-{hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]}")
     work.mkdir(parents=True, exist_ok=True)
