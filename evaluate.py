@@ -78,7 +78,7 @@ DEFAULTS = dict(
     metrics=("fd_openl3", "kl_passt", "clap"),
     # stage2
     stage2_dir="out-stage2-diffusion",
-    clips=16,  # val clips (their first seconds)
+    n_clips=16,  # val clips (their first seconds)
     stage2_steps=25,
     stage2_temperatures=(1.0, 0.5, 0.0),
     # comparison
@@ -684,12 +684,12 @@ def print_audio(r):
 # stage 2: codebooks 1..K-1 restored from codebook 0
 
 
-def val_codes(root, meta, split, seconds, clips):
-    """The first `seconds` of up to `clips` clips of the split that are that long: (n, K, frames),
+def val_codes(root, meta, split, seconds, n_clips):
+    """The first `seconds` of up to `n_clips` clips of the split that are that long: (n, K, frames),
     all stored codebooks."""
     frames = round(seconds * meta["codec"]["frame_rate"])
     d = read_split(root, split, meta)
-    picked = [(o, n) for o, n in d["clips"][:, :2].tolist() if n >= frames][:clips]
+    picked = [(o, n) for o, n in d["clips"][:, :2].tolist() if n >= frames][:n_clips]
     if not picked:
         raise DataError(f"no {split} clip in {root} is {seconds} s long; lower --seconds")
     return torch.stack([torch.from_numpy(d["codes"][:, o:o + frames].astype(np.int64))
@@ -717,7 +717,7 @@ def evaluate_stage2(s):
         sys.exit(f"evaluate.py: {e}; set --stage2_dir")
     model = model.to(s.device)
     root, meta = data_root(checkpoint, s.data_dir), checkpoint["data_meta"]
-    truth = val_codes(root, meta, s.split, s.seconds, s.clips).to(s.device)  # (n, K, T)
+    truth = val_codes(root, meta, s.split, s.seconds, s.n_clips).to(s.device)  # (n, K, T)
     alone = model.latent(truth[:, :1])  # codebook 0's embedding: what stage 1 alone gives
     rows = [dict(method="codebook 0 only (no stage 2)", **scores(model, alone, truth))]
     for temp in s.stage2_temperatures:
@@ -728,12 +728,12 @@ def evaluate_stage2(s):
                          **scores(model, latent, truth),
                          seconds_per_audio_second=(time.time() - t0) / (len(truth) * s.seconds)))
     return dict(section="stage2", checkpoint=checkpoint["path"], iter_num=checkpoint["iter_num"],
-                split=s.split, clips=len(truth), seconds=s.seconds, device=s.device,
+                split=s.split, n_clips=len(truth), seconds=s.seconds, device=s.device,
                 codec_pretrained=meta["codec"]["pretrained"], rows=rows)
 
 
 def print_stage2(r):
-    print(f"## stage 2 on {r['clips']} {r['split']} clips x {r['seconds']} s "
+    print(f"## stage 2 on {r['n_clips']} {r['split']} clips x {r['seconds']} s "
           f"({r['checkpoint']}, iter {r['iter_num']})\n")
     print("| method | codebooks 1.. accuracy | per codebook | latent MSE | s per audio second |\n"
           "|---|---|---|---|---|")

@@ -399,11 +399,11 @@ def stage2_dir(data_dir):
 
 def test_stage2_section(stage2_dir):
     result = evaluate.main(["--section=stage2", f"--stage2_dir={stage2_dir}", "--seconds=1.0",
-                            "--stage2_steps=2", "--clips=2", "--stage2_temperatures=(1.0, 0.0)"])
+                            "--stage2_steps=2", "--n_clips=2", "--stage2_temperatures=(1.0, 0.0)"])
     saved = json.loads((stage2_dir / "eval_stage2.json").read_text())
     assert saved == json.loads(json.dumps(result))
     baseline, warm, cold = result["rows"]
-    assert result["clips"] == 2 and len(baseline["acc_per_codebook"]) == 7
+    assert result["n_clips"] == 2 and len(baseline["acc_per_codebook"]) == 7
     for row in (baseline, warm, cold):
         assert 0 <= row["acc_mean"] <= 1 and row["latent_mse"] >= 0
     assert warm["seconds_per_audio_second"] > 0 and "temperature 0" in cold["method"]
@@ -411,7 +411,7 @@ def test_stage2_section(stage2_dir):
     model, ckpt = sample.load_run(str(stage2_dir), "stage2")
     # the first second (75 frames) of up to evaluate.py's default number of clips
     truth = evaluate.val_codes(evaluate.data_root(ckpt), ckpt["data_meta"], "val", 1.0,
-                               evaluate.DEFAULTS["clips"])
+                               evaluate.DEFAULTS["n_clips"])
     assert truth.shape[-1] == 75
     assert evaluate.scores(model, model.latent(truth), truth)["acc_mean"] > 0.9
     mse = evaluate.scores(model, model.latent(truth), truth)["latent_mse"]
