@@ -447,6 +447,74 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
 
 
 @triton.jit
+def _load_bwd_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, dout_ptr, bias, offs, bc_offs, m, bc_m, t, L,
+                    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """One chunk's tiles for the backward, in fp32: u, dt, dt before softplus, dt one step later,
+    dout (BD, BL); B and C (BN, BL)."""
+    u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    dt, raw = _load_delta(delta_ptr, bias, offs, m, HAS_BIAS, SOFTPLUS)
+    dt_next, _ = _load_delta(delta_ptr, bias, offs + 1, (t + 1 < L)[None, :], HAS_BIAS, SOFTPLUS)
+    Bt = tl.load(B_ptr + bc_offs, mask=bc_m, other=0.0).to(tl.float32)
+    Ct = tl.load(C_ptr + bc_offs, mask=bc_m, other=0.0).to(tl.float32)
+    dy = tl.load(dout_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    return u, dt, raw, dt_next, Bt, Ct, dy
+
+
+@triton.jit
+def _chunk_states(u, dt, Bt, A2, h0):
+    """A chunk's states h_t = a_t h_{t-1} + dt_t u_t B_t from h0 (BD, BN), the state entering it
+    -> (h_t, a_t h_{t-1}), each (BD, BN, BL); A2 is A / ln 2 (exp2)."""
+    a = tl.exp2(dt[:, None, :] * A2[:, :, None])
+    x = (dt * u)[:, None, :] * Bt[None, :, :]
+    a_cum, hs = tl.associative_scan((a, x), 2, _combine)
+    hs += a_cum * h0[:, :, None]
+    return hs, hs - x
+
+
+@triton.jit
+def _chunk_adjoint(dt_next, A2, Ct, dy, gd):
+    """The adjoint g_t = dL/dh_t through a chunk, backwards: g_t = C_t dy_t + a_{t+1} g_{t+1},
+    from gd (BD, BN), that of the state leaving the chunk -> g (BD, BN, BL)."""
+    a_next = tl.exp2(dt_next[:, None, :] * A2[:, :, None])
+    a_cum, gs = tl.associative_scan((a_next, Ct[None, :, :] * dy[:, None, :]), 2, _combine,
+                                    reverse=True)
+    gs += a_cum * gd[:, :, None]
+    return gs
+
+
+@triton.jit
+def _gate_bwd(z_ptr, dz_ptr, offs, m, dy, hs, Ct, u, Dv, HAS_D: tl.constexpr):
+    """The gate out = y * silu(z), y = C h + D u, backwards: stores dL/dz, returns dL/dy."""
+    zv = tl.load(z_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    y = tl.sum(hs * Ct[None, :, :], axis=1)
+    if HAS_D:
+        y += Dv[:, None] * u
+    sz = tl.sigmoid(zv)
+    tl.store(dz_ptr + offs, (dy * y * sz * (1 + zv * (1 - sz))).to(dz_ptr.dtype.element_ty),
+             mask=m)
+    return dy * (zv * sz)
+
+
+@triton.jit
+def _chunk_grads(gs, ah, hs, u, dt, raw, dy, Bt, A, Dv, m,
+                 HAS_D: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """A chunk's gradients through the state update h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t and
+    the skip D u, from the adjoint g: d(delta) (through softplus; 0 past the end) and du (BD, BL),
+    dA (BD, BN), and dB, dC (BN, BL) summed over the block's channels."""
+    gB = tl.sum(gs * Bt[None, :, :], axis=1)  # (BD, BL)
+    gah = gs * ah
+    ddt = gB * u + tl.sum(gah * A[:, :, None], axis=1)
+    du = gB * dt
+    if HAS_D:
+        du += Dv[:, None] * dy
+    if SOFTPLUS:
+        ddt *= tl.sigmoid(raw)
+    ddt = tl.where(m, ddt, 0.0)
+    return (ddt, du, tl.sum(gah * dt[:, None, :], axis=2),
+            tl.sum(gs * (dt * u)[:, None, :], axis=0), tl.sum(hs * dy[:, None, :], axis=0))
+
+
+@triton.jit
 def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, starts_ptr,
                      dout_ptr, dlast_ptr,
                      du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
@@ -480,54 +548,29 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
         t = c * BLOCK_L + tl.arange(0, BLOCK_L)
         m = (t < L)[None, :]
         offs = row[:, None] + t[None, :]
-        u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        dt, raw = _load_delta(delta_ptr, bias, offs, m, HAS_BIAS, SOFTPLUS)
-        dt_next, _ = _load_delta(delta_ptr, bias, offs + 1, (t + 1 < L)[None, :],
-                                 HAS_BIAS, SOFTPLUS)
         bc_offs = bc_row[:, None] + t[None, :]
         bc_m = n_ok[:, None] & m
-        Bt = tl.load(B_ptr + bc_offs, mask=bc_m, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + bc_offs, mask=bc_m, other=0.0).to(tl.float32)
-        dy = tl.load(dout_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        u, dt, raw, dt_next, Bt, Ct, dy = _load_bwd_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, dout_ptr,
+                                                          bias, offs, bc_offs, m, bc_m, t, L,
+                                                          HAS_BIAS, SOFTPLUS)
         # recompute this chunk's states from the one saved by the forward
         h0 = tl.load(starts_ptr + ((b * dim + d[:, None]) * n_chunks + c) * N + n[None, :],
                      mask=n_ok[None, :], other=0.0)
-        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
-        x = (dt * u)[:, None, :] * Bt[None, :, :]
-        a_cum, hs = tl.associative_scan((a, x), 2, _combine)
-        hs += a_cum * h0[:, :, None]
-        ah = hs - x  # a_t * h_{t-1}
-        if HAS_Z:
-            zv = tl.load(z_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            y = tl.sum(hs * Ct[None, :, :], axis=1)
-            if HAS_D:
-                y += Dv[:, None] * u
-            sz = tl.sigmoid(zv)
-            tl.store(dz_ptr + offs, (dy * y * sz * (1 + zv * (1 - sz))).to(dz_ptr.dtype.element_ty),
-                     mask=m)
-            dy *= zv * sz
-        # the adjoint g_t = dL/dh_t runs backwards: g_t = C_t dy_t + a_{t+1} g_{t+1}
-        a_next = tl.exp2(dt_next[:, None, :] * A2[:, :, None])
-        a_cum, gs = tl.associative_scan((a_next, Ct[None, :, :] * dy[:, None, :]), 2, _combine,
-                                        reverse=True)
-        gs += a_cum * gd[:, :, None]
+        hs, ah = _chunk_states(u, dt, Bt, A2, h0)
+        if HAS_Z:  # out = y silu(z): dz, and dy through the gate
+            dy = _gate_bwd(z_ptr, dz_ptr, offs, m, dy, hs, Ct, u, Dv, HAS_D)
+        gs = _chunk_adjoint(dt_next, A2, Ct, dy, gd)
         gd = tl.sum(tl.where(first_col, gs, 0.0), axis=2)
-        gB = tl.sum(gs * Bt[None, :, :], axis=1)  # (BD, BL)
-        gah = gs * ah
-        ddt = gB * u + tl.sum(gah * A[:, :, None], axis=1)
-        du = gB * dt
+        ddt, du, dA_chunk, dB, dC = _chunk_grads(gs, ah, hs, u, dt, raw, dy, Bt, A, Dv, m,
+                                                 HAS_D, SOFTPLUS)
         if HAS_D:
-            du += Dv[:, None] * dy
             dD += tl.sum(dy * u, axis=1)
-        dA += tl.sum(gah * dt[:, None, :], axis=2)
-        if SOFTPLUS:
-            ddt *= tl.sigmoid(raw)
-        ddt = tl.where(m, ddt, 0.0)
+        dA += dA_chunk
         dbias += tl.sum(ddt, axis=1)
         tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=m)
         tl.store(ddelta_ptr + offs, ddt.to(ddelta_ptr.dtype.element_ty), mask=m)
-        tl.atomic_add(dB_ptr + bc_offs, tl.sum(gs * (dt * u)[:, None, :], axis=0), mask=bc_m)
-        tl.atomic_add(dC_ptr + bc_offs, tl.sum(hs * dy[:, None, :], axis=0), mask=bc_m)
+        tl.atomic_add(dB_ptr + bc_offs, dB, mask=bc_m)
+        tl.atomic_add(dC_ptr + bc_offs, dC, mask=bc_m)
     tl.atomic_add(dA_ptr + d[:, None] * N + n[None, :], dA, mask=n_ok[None, :])
     if HAS_D:
         tl.atomic_add(dD_ptr + d, dD)
