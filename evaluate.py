@@ -92,6 +92,16 @@ def save_json(result, path):
     print(f"\nwrote {path}")
 
 
+def load_section_run(s, run_dir, kind, setting):
+    """sample.load_run (the checkpoint and weights s.ckpt and s.ema say) on s.device -> (model,
+    checkpoint, its dataset's folder); a run that cannot be read exits naming the setting."""
+    try:
+        model, checkpoint = load_run(run_dir, kind, s.ckpt, s.ema)
+    except ValueError as e:
+        sys.exit(f"evaluate.py: {e}; set --{setting}")
+    return model.to(s.device), checkpoint, data_root(checkpoint, s.data_dir)
+
+
 def data_root(checkpoint, data_dir=""):
     """The folder of the run's dataset: under data_dir where given, else where it was."""
     config = checkpoint["config"]
@@ -296,12 +306,8 @@ def generated_windows(model, d, frames, with_text, s):
 
 def evaluate_offline(s):
     """The offline section for the run s.out_dir -> its result: val NLL, text gain, the probe's."""
-    try:
-        model, checkpoint = load_run(s.out_dir, "lm", s.ckpt, s.ema)
-    except ValueError as e:
-        sys.exit(f"evaluate.py: {e}; set --out_dir")
-    model = model.to(s.device)
-    root, meta = data_root(checkpoint, s.data_dir), checkpoint["data_meta"]
+    model, checkpoint, root = load_section_run(s, s.out_dir, "lm", "out_dir")
+    meta = checkpoint["data_meta"]
     d = read_split(root, s.split, meta)
     L = checkpoint["config"]["seq_len"]
     nll, nll_notext = val_nll(model, d, L, s.batch_size, s.device)  # (K,) each
@@ -711,12 +717,8 @@ def scores(model, latent, truth):
 def evaluate_stage2(s):
     """The stage-2 section for the run s.stage2_dir -> the result: a row for codebook 0 alone, then
     one per temperature in s.stage2_temperatures."""
-    try:
-        model, checkpoint = load_run(s.stage2_dir, "stage2", s.ckpt, s.ema)
-    except ValueError as e:
-        sys.exit(f"evaluate.py: {e}; set --stage2_dir")
-    model = model.to(s.device)
-    root, meta = data_root(checkpoint, s.data_dir), checkpoint["data_meta"]
+    model, checkpoint, root = load_section_run(s, s.stage2_dir, "stage2", "stage2_dir")
+    meta = checkpoint["data_meta"]
     truth = val_codes(root, meta, s.split, s.seconds, s.n_clips).to(s.device)  # (n, K, T)
     alone = model.latent(truth[:, :1])  # codebook 0's embedding: what stage 1 alone gives
     rows = [dict(method="codebook 0 only (no stage 2)", **scores(model, alone, truth))]
