@@ -21,7 +21,8 @@ from pathlib import Path
 
 def _check(script, defaults, key, value, where):
     if key not in defaults:
-        close = difflib.get_close_matches(key, list(defaults), n=1)
+        close = ([k for k in defaults if k.startswith(key)][:1]  # --cfg: cfg_scale
+                 or difflib.get_close_matches(key, list(defaults), n=1))
         hint = f"; did you mean {close[0]}?" if close else ""
         sys.exit(
             f"{script}: unknown config key {key!r} in {where}{hint} (see python {script} --help)")

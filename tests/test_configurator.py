@@ -52,3 +52,10 @@ def test_help_lists_every_setting_with_its_default(capsys):
     out = capsys.readouterr().out
     assert e.value.code == 0 and out.startswith("the doc")
     assert all(f"--{k}={v!r}" in out for k, v in DEFAULTS.items())
+
+
+def test_a_renamed_key_is_suggested_by_its_prefix():
+    with pytest.raises(SystemExit) as e:
+        configure(dict(cfg_scale=3.0), ["--cfg=2"], "sample.py")
+    assert str(e.value.code).startswith("sample.py: unknown config key 'cfg' in --cfg; "
+                                        "did you mean cfg_scale?")
